@@ -1,0 +1,1 @@
+"""hotsup's supervisor: owns the sockets, the zygote, the swaps and the control plane."""

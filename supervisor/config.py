@@ -1,0 +1,465 @@
+"""config.toml and bundle.toml: reading, validating, merging.
+
+Every problem is one line that names the file, the key and what is wrong
+(``config.toml: defaults.start_timeout: expected a number, got "fast"``), and
+validation goes on after the first problem so ``hotsup check`` can list them
+all. The supervisor's own settings are fatal when wrong; a bundle's manifest is
+loaded on its own (``load_bundle``) so one broken bundle never stops another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "bundle.toml"
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_KINDS = ("service", "asgi")
+
+
+class ConfigError(Exception):
+    """One or more problems, each a line naming the file and the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-bundle deadlines and restart policy (``[defaults]``, overridable per bundle)."""
+
+    start_timeout: float = 10.0
+    quiesce_timeout: float = 5.0
+    drain_timeout: float = 30.0
+    checkpoint_interval: float = 0.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """A named listening socket: ``HOST:PORT`` (TCP) or ``unix:PATH``."""
+
+    name: str
+    bind: str
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies the bound socket: same key, same socket across generations."""
+        return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where a bundle lives, and what config.toml overrides of its manifest."""
+
+    name: str
+    path: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / MANIFEST
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """A bundle's manifest, validated and merged with config.toml."""
+
+    name: str
+    path: Path
+    entry: str
+    kind: str
+    factory: bool
+    version: str
+    sockets: tuple[SocketSpec, ...]
+    settings: dict[str, Any]
+    multiprocessing_logging: bool
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    bundles_dir: Path | None
+    run_dir: Path
+    preload: tuple[str, ...]
+    watch_quiet_ms: int
+    watch_batch_ms: int
+    log_level: str
+    defaults: Timing
+    declared: dict[str, BundleSource]
+
+    def sources(self) -> dict[str, BundleSource]:
+        """Every bundle: the drop-ins found in bundles_dir now, and the declared ones."""
+        found: dict[str, BundleSource] = {}
+        if self.bundles_dir is not None:
+            for name in discover(self.bundles_dir):
+                found[name] = BundleSource(name, self.bundles_dir / name)
+        for name, source in self.declared.items():
+            found[name] = source
+        return found
+
+    def source_for(self, name: str, path: Path) -> BundleSource:
+        """The source of a drop-in bundle, with config.toml's overrides if any."""
+        declared = self.declared.get(name)
+        return declared if declared is not None else BundleSource(name, path)
+
+
+def discover(bundles_dir: Path) -> list[str]:
+    """Names of the bundle directories (those with a bundle.toml) in bundles_dir."""
+    try:
+        entries = sorted(bundles_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    return [
+        entry.name
+        for entry in entries
+        if _NAME.match(entry.name)
+        and not entry.name.startswith(".")
+        and (entry / MANIFEST).is_file()
+    ]
+
+
+# -- validation helpers ---------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.lines: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.lines.append(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        problems.add("", "file not found")
+    except IsADirectoryError:
+        problems.add("", "is a directory, expected a TOML file")
+    except tomllib.TOMLDecodeError as exc:
+        problems.add("", f"not valid TOML: {exc}")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.add("", f"cannot read: {exc}")
+    return None
+
+
+def _unknown(table: dict[str, Any], known: set[str], prefix: str, problems: _Problems) -> None:
+    for key in table:
+        if key not in known:
+            choices = ", ".join(sorted(known))
+            problems.add(f"{prefix}{key}", f"unknown key (known keys: {choices})")
+
+
+def _number(
+    table: dict[str, Any], key: str, default: float, prefix: str, problems: _Problems,
+    *, minimum: float = 0.0, integer: bool = False, positive: bool = False,
+) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        kind = "a whole number" if integer else "a number"
+        problems.add(f"{prefix}{key}", f"expected {kind}, got {_describe(value)}")
+        return default
+    if value < minimum or (positive and value <= 0):
+        bound = f"greater than {minimum:g}" if positive else f"at least {minimum:g}"
+        problems.add(f"{prefix}{key}", f"must be {bound}, got {value}")
+        return default
+    return value
+
+
+def _string(
+    table: dict[str, Any], key: str, default: str, prefix: str, problems: _Problems
+) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        problems.add(f"{prefix}{key}", f"expected a string, got {_describe(value)}")
+        return default
+    return value
+
+
+def _bool(table: dict[str, Any], key: str, prefix: str, problems: _Problems) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        problems.add(f"{prefix}{key}", f"expected true or false, got {_describe(value)}")
+        return False
+    return value
+
+
+_TIMING_KEYS = {
+    "start_timeout", "quiesce_timeout", "drain_timeout",
+    "checkpoint_interval", "max_restarts", "restart_window",
+}
+
+
+def _timing(table: dict[str, Any], base: Timing, prefix: str, problems: _Problems) -> Timing:
+    return Timing(
+        start_timeout=_number(table, "start_timeout", base.start_timeout, prefix, problems,
+                              positive=True),
+        quiesce_timeout=_number(table, "quiesce_timeout", base.quiesce_timeout, prefix,
+                                problems, positive=True),
+        drain_timeout=_number(table, "drain_timeout", base.drain_timeout, prefix, problems),
+        checkpoint_interval=_number(table, "checkpoint_interval", base.checkpoint_interval,
+                                    prefix, problems),
+        max_restarts=_number(table, "max_restarts", base.max_restarts, prefix, problems,
+                             integer=True),
+        restart_window=_number(table, "restart_window", base.restart_window, prefix, problems,
+                               positive=True),
+    )
+
+
+def parse_bind(bind: str, base: Path) -> tuple[str, int, Path | None]:
+    """``(host, port, None)`` for ``HOST:PORT``, ``("", 0, path)`` for ``unix:PATH``.
+
+    Raises ValueError with a message fit for a person.
+    """
+    if bind.startswith("unix:"):
+        raw = bind[len("unix:"):]
+        if not raw:
+            raise ValueError('"unix:" needs a path, as in "unix:/run/app.sock"')
+        path = Path(raw)
+        return "", 0, path if path.is_absolute() else (base / path)
+    host, sep, port_text = bind.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'"{bind}" is not "HOST:PORT" or "unix:PATH"')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f'"{bind}": host "{host}" is not an IP address') from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f'"{bind}": port "{port_text}" is not a number from 0 to 65535')
+    return host, int(port_text), None
+
+
+# -- config.toml ------------------------------------------------------------------
+
+_TOP_KEYS = {"supervisor", "defaults", "bundles"}
+_SUPERVISOR_KEYS = {
+    "bundles_dir", "run_dir", "preload", "watch_quiet_ms", "watch_batch_ms", "log_level",
+}
+_MANIFEST_KEYS = {
+    "entry", "kind", "factory", "version", "sockets", "settings", "multiprocessing_logging",
+} | _TIMING_KEYS
+_OVERRIDE_KEYS = _MANIFEST_KEYS | {"path"}
+
+
+def _table(data: dict[str, Any], key: str, problems: _Problems, prefix: str = "") -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        problems.add(f"{prefix}{key}", f"expected a table, got {_describe(value)}")
+        return {}
+    return value
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate config.toml; raises ConfigError listing every problem."""
+    path = path.resolve() if path.exists() else path.absolute()
+    problems = _Problems(path)
+    data = _read_toml(path, problems)
+    if data is None:
+        raise ConfigError(problems.lines)
+    base = path.parent
+    _unknown(data, _TOP_KEYS, "", problems)
+
+    sup = _table(data, "supervisor", problems)
+    _unknown(sup, _SUPERVISOR_KEYS, "supervisor.", problems)
+    bundles_dir_text = _string(sup, "bundles_dir", "bundles", "supervisor.", problems)
+    run_dir = base / _string(sup, "run_dir", ".hotsup", "supervisor.", problems)
+    preload = sup.get("preload", [])
+    if not isinstance(preload, list) or not all(isinstance(p, str) for p in preload):
+        problems.add("supervisor.preload", f"expected a list of module names, got "
+                     f"{_describe(preload)}")
+        preload = []
+    quiet = _number(sup, "watch_quiet_ms", 30, "supervisor.", problems, integer=True,
+                    positive=True)
+    batch = _number(sup, "watch_batch_ms", 1600, "supervisor.", problems, integer=True,
+                    positive=True)
+    if batch < quiet:
+        problems.add("supervisor.watch_batch_ms",
+                     f"must be at least watch_quiet_ms ({quiet}), got {batch}")
+    log_level = _string(sup, "log_level", "info", "supervisor.", problems).lower()
+    if log_level not in _LOG_LEVELS:
+        problems.add("supervisor.log_level",
+                     f"expected one of {', '.join(_LOG_LEVELS)}, got {_describe(log_level)}")
+        log_level = "info"
+
+    defaults_table = _table(data, "defaults", problems)
+    _unknown(defaults_table, _TIMING_KEYS, "defaults.", problems)
+    defaults = _timing(defaults_table, Timing(), "defaults.", problems)
+
+    bundles_dir = (base / bundles_dir_text) if bundles_dir_text else None
+    if bundles_dir is not None and not bundles_dir.is_dir():
+        problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
+    declared: dict[str, BundleSource] = {}
+    for name, table in _table(data, "bundles", problems).items():
+        prefix = f"bundles.{name}."
+        if not isinstance(table, dict):
+            problems.add(f"bundles.{name}", f"expected a table, got {_describe(table)}")
+            continue
+        if not _NAME.match(name):
+            problems.add(f"bundles.{name}", "a bundle name may use letters, digits, _ . and -")
+            continue
+        _unknown(table, _OVERRIDE_KEYS, prefix, problems)
+        overrides = {k: v for k, v in table.items() if k != "path"}
+        if "path" in table:
+            bundle_path = base / _string(table, "path", "", prefix, problems)
+        elif bundles_dir is not None:
+            bundle_path = bundles_dir / name
+        else:
+            problems.add(f"{prefix}path", "missing, and there is no bundles_dir to find it in")
+            continue
+        if not (bundle_path / MANIFEST).is_file():
+            problems.add(f"{prefix}path", f"{bundle_path} has no {MANIFEST}")
+        declared[name] = BundleSource(name, bundle_path, overrides)
+
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return Config(
+        path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
+        watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
+        declared=declared,
+    )
+
+
+# -- bundle.toml ------------------------------------------------------------------
+
+
+def _merge(manifest: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.toml's [bundles.NAME] over the manifest: tables merge, values replace."""
+    merged = dict(manifest)
+    for key, value in overrides.items():
+        if key in ("settings", "sockets") and isinstance(value, dict):
+            base = merged.get(key)
+            merged[key] = {**(base if isinstance(base, dict) else {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
+    """Read, merge and validate one bundle's manifest; raises ConfigError."""
+    problems = _Problems(source.manifest)
+    data = _read_toml(source.manifest, problems)
+    if data is None:
+        raise ConfigError(problems.lines)
+    data = _merge(data, source.overrides)
+    _unknown(data, _MANIFEST_KEYS, "", problems)
+
+    entry = _string(data, "entry", "", "", problems)
+    if "entry" not in data:
+        problems.add("entry", 'missing (as in entry = "module:Class")')
+    elif not _ENTRY.match(entry):
+        problems.add("entry", f'expected "module:attribute", got {_describe(entry)}')
+    elif not _module_exists(source.path, entry.partition(":")[0]):
+        module = entry.partition(":")[0]
+        problems.add("entry", f"module {module!r} not found in {source.path}")
+    kind = _string(data, "kind", "service", "", problems)
+    if kind not in _KINDS:
+        problems.add("kind", f"expected one of {', '.join(_KINDS)}, got {_describe(kind)}")
+    elif kind == "asgi":
+        problems.add("kind", '"asgi" bundles are not supported yet; use kind = "service"')
+    factory = _bool(data, "factory", "", problems)
+    version = _string(data, "version", "", "", problems)
+    mp_logging = _bool(data, "multiprocessing_logging", "", problems)
+    settings = _table(data, "settings", problems)
+    sockets = _sockets(_table(data, "sockets", problems), source, problems)
+    timing = _timing(data, config.defaults, "", problems)
+
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return BundleSpec(
+        name=source.name, path=source.path, entry=entry, kind=kind, factory=factory,
+        version=version, sockets=sockets, settings=settings,
+        multiprocessing_logging=mp_logging, timing=timing,
+    )
+
+
+def _sockets(
+    table: dict[str, Any], source: BundleSource, problems: _Problems
+) -> tuple[SocketSpec, ...]:
+    specs: list[SocketSpec] = []
+    seen: dict[str, str] = {}
+    for name, value in table.items():
+        prefix = f"sockets.{name}."
+        if not isinstance(value, dict):
+            problems.add(f"sockets.{name}", f"expected a table, got {_describe(value)}")
+            continue
+        _unknown(value, {"bind"}, prefix, problems)
+        if "bind" not in value:
+            problems.add(f"{prefix}bind", 'missing (as in bind = "127.0.0.1:8101")')
+            continue
+        bind = _string(value, "bind", "", prefix, problems)
+        try:
+            host, port, path = parse_bind(bind, source.path)
+        except ValueError as exc:
+            problems.add(f"{prefix}bind", str(exc))
+            continue
+        spec = SocketSpec(name=name, bind=bind, host=host, port=port, path=path)
+        if port != 0 and spec.key in seen:
+            problems.add(f"{prefix}bind", f"{bind} is also used by sockets.{seen[spec.key]}")
+            continue
+        seen[spec.key] = name
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _module_exists(bundle_dir: Path, module: str) -> bool:
+    parts = module.split(".")
+    base = bundle_dir.joinpath(*parts)
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file() or (
+        len(parts) == 1 and any(bundle_dir.glob(f"{parts[0]}.*.so"))
+    )
+
+
+def check(config_path: Path) -> list[str]:
+    """Every problem in config.toml and its bundles, without starting anything."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return exc.problems
+    problems: list[str] = []
+    owners: dict[str, str] = {}
+    for name, source in sorted(config.sources().items()):
+        try:
+            spec = load_bundle(source, config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        for sock in spec.sockets:
+            if sock.port == 0 and sock.path is None:
+                continue
+            other = owners.setdefault(sock.key, name)
+            if other != name:
+                problems.append(f"{source.manifest}: sockets.{sock.name}.bind: {sock.bind} is "
+                                f"already used by bundle {other!r}")
+        for module in config.preload:
+            root = module.split(".")[0]
+            if _module_exists(source.path, root):
+                problems.append(f"{config.path}: supervisor.preload: {module!r} lives in bundle "
+                                f"{name!r} ({source.path}); bundle code cannot be preloaded")
+    return problems

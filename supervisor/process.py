@@ -1,0 +1,183 @@
+"""One worker process as the supervisor sees it: spawn, requests, exit, kill.
+
+It knows nothing of swap states; ``swap`` decides what to ask and when. Every
+request has a deadline and fails at once if the process exits meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+from typing import Any
+
+from hotsup.worker import protocol as P
+
+from .channel import WorkerChannel
+from .config import BundleSpec
+from .logs import LogSink, WorkerLog
+from .zygote import Zygote
+
+log = logging.getLogger("hotsup")
+
+
+class WorkerError(Exception):
+    """A worker failed: could not load, answered a request with an error, died, or timed out."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class WorkerProcess:
+    def __init__(self, spec: BundleSpec, generation: int, channel: WorkerChannel,
+                 sink: LogSink) -> None:
+        self.spec = spec
+        self.generation = generation
+        self.tag = f"{spec.name}@{generation}"
+        self.token = secrets.token_urlsafe(32)
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self._channel = channel
+        self._sink = sink
+        loop = asyncio.get_running_loop()
+        self.loaded: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._code_known = asyncio.Event()
+        self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
+        self._ids = itertools.count(1)
+        self._pidfd = -1
+        self._log: WorkerLog | None = None
+        channel.register(self.token, self._on_message)
+
+    async def spawn(self, zygote: Zygote, sockets: dict[str, socket.socket], endpoint: str,
+                    log_level: str) -> None:
+        names = list(sockets)
+        spec: P.SpawnSpec = {
+            "bundle": self.spec.name, "generation": self.generation, "token": self.token,
+            "endpoint": endpoint, "path": str(self.spec.path), "entry": self.spec.entry,
+            "kind": self.spec.kind, "factory": self.spec.factory, "version": self.spec.version,
+            "settings": self.spec.settings, "socket_names": names, "log_level": log_level,
+            "multiprocessing_logging": self.spec.multiprocessing_logging,
+        }
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._log = WorkerLog(read_fd, self.spec.name, self.generation, self._sink)
+            fds = [write_fd, *(sockets[name].fileno() for name in names)]
+            self.pid = await zygote.spawn(spec, fds)
+        finally:
+            os.close(write_fd)  # the worker has its copy; EOF comes when it exits
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # already gone and reaped
+            self._set_exited()
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._set_exited)
+
+    async def call(self, op: str, timeout: float, payload: bytes | None = None,
+                   **fields: Any) -> tuple[dict[str, Any], bytes | None]:
+        """Send a request and wait for its reply; WorkerError on error, exit or timeout."""
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[dict[str, Any], bytes | None]] = \
+            asyncio.get_running_loop().create_future()
+        self._replies[request_id] = future
+        try:
+            await self._channel.send(self.token, {"op": op, "id": request_id, **fields}, payload)
+            done, _ = await asyncio.wait({future, self.exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if future in done:
+                header, data = future.result()
+                if not header.get("ok"):
+                    raise WorkerError(f"{op}: {header.get('error')}", header.get("detail", ""))
+                return header, data
+            if self.exited in done:
+                raise WorkerError(f"{op}: the worker {await self.describe_exit()}")
+            raise WorkerError(f"{op}: no answer within {timeout:g}s")
+        except ConnectionError as exc:
+            raise WorkerError(f"{op}: {exc}") from None
+        finally:
+            self._replies.pop(request_id, None)
+
+    async def wait_loaded(self, timeout: float) -> dict[str, Any]:
+        done, _ = await asyncio.wait({self.loaded, self.exited}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self.loaded in done:
+            return self.loaded.result()  # raises WorkerError if it reported a failure
+        if self.exited in done:
+            raise WorkerError(f"the worker {await self.describe_exit()} before it loaded")
+        raise WorkerError(f"not loaded within start_timeout ({timeout:g}s)")
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (it leads its own), if it is alive."""
+        if self.pid is None or self.exited.done():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def exit_status(self, code: int) -> None:
+        """The zygote reaped us: ``code`` as os.waitstatus_to_exitcode gives it."""
+        self.exit_code = code
+        self._code_known.set()
+
+    async def describe_exit(self) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._code_known.wait(), 0.5)
+        code = self.exit_code
+        if code is None:
+            return "exited"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"was killed by {name}"
+        return f"exited with code {code}"
+
+    async def close(self) -> None:
+        """Forget the process (after it exited): channel, pidfd, log pipe."""
+        self._channel.unregister(self.token)
+        if self._pidfd >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._log is not None:
+            # Let the pipe drain to EOF (the last lines of a crash matter), but
+            # do not wait on a grandchild that keeps it open.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._log.closed), 1.0)
+            self._log.close()
+
+    def _set_exited(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def _on_message(self, header: dict[str, Any], payload: bytes | None) -> None:
+        op = header["op"]
+        if op == P.OP_LOADED and not self.loaded.done():
+            self.loaded.set_result(header)
+        elif op == P.OP_FAILED and not self.loaded.done():
+            self.loaded.set_exception(WorkerError(str(header.get("error")),
+                                                  str(header.get("detail", ""))))
+        elif op == P.OP_REPLY:
+            future = self._replies.get(header.get("id", -1))
+            if future is not None and not future.done():
+                future.set_result((header, payload))
+        else:
+            log.warning("%s: unexpected %r message", self.tag, op)

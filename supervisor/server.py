@@ -1,0 +1,266 @@
+"""The running supervisor: start-up, the command loop, shut-down.
+
+Signals, file changes (and, later, control requests) all become the same
+command objects on one queue, handled by one dispatcher through an explicit
+table. Signal handlers only enqueue.
+
+Start-up builds every resource in order on an ``AsyncExitStack``, so shut-down
+undoes them in reverse: stop watching, retire every bundle (drain), stop the
+zygote, close the listening sockets, close the worker channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .channel import WorkerChannel
+from .config import BundleSource, Config
+from .logs import LogSink, SinkHandler
+from .sockets import SocketRegistry
+from .swap import BundleRunner, Services
+from .watcher import Watcher, adigest
+from .zygote import Zygote, ZygoteError, lifeline
+
+log = logging.getLogger("hotsup")
+
+
+# -- commands -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reload:
+    """Swap a bundle (or all, when ``name`` is None) even if its files did not change."""
+
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class FilesChanged:
+    paths: frozenset[Path]
+
+
+@dataclass(frozen=True)
+class Rescan:
+    """Look at bundles_dir again: start new drop-ins, retire removed ones."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str
+
+
+Command = Reload | FilesChanged | Rescan | Shutdown
+
+
+class StartupError(Exception):
+    """The supervisor cannot start; the message says why, for a person."""
+
+
+class Supervisor:
+    def __init__(self, config: Config, sink: LogSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.runners: dict[str, BundleRunner] = {}
+        self.commands: asyncio.Queue[Command] = asyncio.Queue()
+        self._services: Services | None = None
+        self._stopping = False
+        self._followups: set[asyncio.TimerHandle] = set()
+        self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
+            Reload: self._on_reload,
+            FilesChanged: self._on_files_changed,
+            Rescan: self._on_rescan,
+            Shutdown: self._on_shutdown,
+        }
+
+    async def serve(self) -> int:
+        """Run until shut down; 0 after a clean drain."""
+        config = self.config
+        async with contextlib.AsyncExitStack() as stack:
+            _prepare_run_dir(config.run_dir, stack)
+            life_r, life_w = lifeline()
+            stack.callback(os.close, life_w)  # closed last but one: workers see EOF
+            stack.callback(os.close, life_r)
+            zctx = zmq.asyncio.Context()
+            stack.callback(zctx.term)
+            channel = WorkerChannel(zctx, f"ipc://{config.run_dir / 'workers'}")
+            channel.start()
+            stack.push_async_callback(channel.close)
+            sockets = SocketRegistry()
+            stack.callback(sockets.close_all)
+            zygote = Zygote(config.preload, life_r, self._worker_exited)
+            try:
+                await zygote.start()
+            except ZygoteError as exc:
+                raise StartupError(f"{config.path}: supervisor.preload: {exc}") from None
+            stack.push_async_callback(zygote.stop)
+            self._services = Services(config, zygote, channel, sockets, self.sink,
+                                      lambda source: adigest(source.path))
+            stack.push_async_callback(self._close_all)
+            for source in config.sources().values():
+                self._add(source)
+            watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
+                              self._files_changed)
+            watch_task = asyncio.ensure_future(watcher.run())
+            stack.push_async_callback(_stop_watcher, watcher, watch_task)
+            self._install_signals(stack)
+            log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
+                     config.path)
+            while not self._stopping:
+                command = await self.commands.get()
+                await self._dispatch[type(command)](command)
+        log.info("hotsup stopped")
+        return 0
+
+    # -- command handlers ---------------------------------------------------------
+
+    async def _on_reload(self, command: Reload) -> None:
+        targets = [self.runners[command.name]] if command.name in self.runners \
+            else list(self.runners.values()) if command.name is None else []
+        if not targets:
+            log.warning("reload: no bundle named %r", command.name)
+        for runner in targets:
+            runner.request(force=True)
+
+    async def _on_files_changed(self, command: FilesChanged) -> None:
+        bundles_dir = self.config.bundles_dir
+        for runner in self.runners.values():
+            root = runner.source.path
+            if any(p == root or root in p.parents for p in command.paths):
+                runner.request()
+        if bundles_dir is not None and any(bundles_dir in p.parents for p in command.paths):
+            await self._on_rescan(Rescan())
+
+    async def _on_rescan(self, command: Rescan) -> None:
+        assert self._services is not None
+        present = self.config.sources()
+        for name, source in present.items():
+            if name not in self.runners:
+                log.info("%s: new bundle in %s", name, source.path)
+                self._add(source)
+        for name in [n for n in self.runners if n not in present]:
+            log.info("%s: bundle directory removed; retiring it", name)
+            await self.runners.pop(name).close()
+
+    async def _on_shutdown(self, command: Shutdown) -> None:
+        log.info("shutting down (%s): draining every bundle", command.reason)
+        self._stopping = True
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _add(self, source: BundleSource) -> None:
+        assert self._services is not None
+        runner = BundleRunner(source, self._services)
+        self.runners[source.name] = runner
+        runner.start()
+
+    async def _close_all(self) -> None:
+        for handle in self._followups:
+            handle.cancel()
+        runners, self.runners = list(self.runners.values()), {}
+        await asyncio.gather(*(runner.close() for runner in runners))
+
+    def _watch_roots(self) -> list[Path]:
+        roots = [self.config.bundles_dir] if self.config.bundles_dir is not None else []
+        for source in self.config.declared.values():
+            if not any(source.path == r or r in source.path.parents for r in roots):
+                roots.append(source.path)
+        return [r for r in roots if r is not None]
+
+    def _files_changed(self, paths: set[Path]) -> None:
+        command = FilesChanged(frozenset(paths))
+        self.commands.put_nowait(command)
+        # Files created in a brand-new subdirectory can be missed by inotify:
+        # look once more a little later. A pass whose content did not change
+        # costs a hash and swaps nothing.
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(1.0, self._followup, command)
+        self._followups.add(handle)
+
+    def _followup(self, command: FilesChanged) -> None:
+        self._followups = {h for h in self._followups if not h.cancelled() and h.when() >
+                           asyncio.get_running_loop().time()}
+        if not self._stopping:
+            self.commands.put_nowait(command)
+
+    def _worker_exited(self, pid: int, code: int) -> None:
+        for runner in self.runners.values():
+            if runner.worker_exited(pid, code):
+                return
+
+    def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        table: dict[signal.Signals, Command] = {
+            signal.SIGINT: Shutdown("SIGINT"),
+            signal.SIGTERM: Shutdown("SIGTERM"),
+            signal.SIGHUP: Reload(None),
+        }
+        for sig, command in table.items():
+            loop.add_signal_handler(sig, self.commands.put_nowait, command)
+            stack.callback(loop.remove_signal_handler, sig)
+
+
+async def _stop_watcher(watcher: Watcher, task: asyncio.Task[None]) -> None:
+    watcher.stop()
+    try:
+        await asyncio.wait_for(task, 2.0)
+    except TimeoutError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    except Exception:
+        log.exception("the file watcher failed")
+
+
+def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
+    """Create run_dir owner-only, take its lock, clear what a dead supervisor left."""
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(run_dir, 0o700)  # mkdir's mode is masked by umask; be explicit
+        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"run_dir {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"another hotsup (pid {other}) is already running with run_dir "
+                           f"{run_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    # The lock is ours: any socket file here is a dead supervisor's.
+    for name in ("workers", "control"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(run_dir / name)
+    stack.callback(os.close, fd)  # the kernel drops the lock with the fd, even on SIGKILL
+
+
+def setup_logging(sink: LogSink, level: str) -> None:
+    root = logging.getLogger("hotsup")
+    root.handlers[:] = [SinkHandler(sink)]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run(config: Config) -> int:
+    """``hotsup start``: serve until SIGINT/SIGTERM, then drain and return 0."""
+    import uvloop
+
+    sink = LogSink(sys.stderr)
+    setup_logging(sink, config.log_level)
+    try:
+        return uvloop.run(Supervisor(config, sink).serve())
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2

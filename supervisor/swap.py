@@ -1,0 +1,447 @@
+"""The swap: every generation of one bundle, from first start to retirement.
+
+The whole state machine lives here. A generation moves through ``GenState``
+along the ``MOVES`` table, and only through ``BundleRunner._move``, which
+checks and logs every move. One task per bundle (``BundleRunner.run``) does
+everything for that bundle in order, so there is never more than one swap at a
+time; triggers that arrive during a swap coalesce into one more pass.
+
+A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
+
+    spawn N+1 ............................ SPAWNING   (N serves)
+    N+1 imports and constructs ........... LOADED     (N serves)
+    hand-over mode (N has snapshot(), N+1 has restore()):
+        pause N, wait in-flight, snapshot  N: PAUSED  (nobody accepts;
+        N+1.restore(state); N+1.start() .. READY       the backlog holds)
+    overlap mode:
+        N+1.start() ...................... READY      (both accept)
+    retire N: drain, stop(), exit ........ N: RETIRING -> EXITED
+
+Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
+the old generation keeps serving with its state, and the error is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotsup.worker import protocol as P
+
+from .channel import WorkerChannel
+from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
+from .logs import LogSink
+from .process import WorkerError, WorkerProcess
+from .sockets import SocketError, SocketRegistry
+from .zygote import Zygote, ZygoteError
+
+log = logging.getLogger("hotsup")
+
+#: Extra seconds a retiring worker gets beyond drain_timeout for its stop().
+STOP_GRACE = 5.0
+#: Crash restarts back off from this delay, doubling, up to BACKOFF_MAX.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+
+
+class GenState(enum.Enum):
+    SPAWNING = "spawning"
+    LOADED = "loaded"
+    READY = "ready"
+    PAUSED = "paused"
+    RETIRING = "retiring"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+S = GenState
+MOVES: dict[GenState, frozenset[GenState]] = {
+    S.SPAWNING: frozenset({S.LOADED, S.FAILED}),
+    S.LOADED: frozenset({S.READY, S.FAILED}),
+    S.READY: frozenset({S.PAUSED, S.RETIRING, S.FAILED}),
+    S.PAUSED: frozenset({S.READY, S.RETIRING, S.FAILED}),
+    S.RETIRING: frozenset({S.EXITED, S.FAILED}),
+    S.EXITED: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+
+class BundleState(enum.Enum):
+    """What ``hotsup status`` shows for a bundle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    SWAPPING = "swapping"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class IllegalMove(RuntimeError):
+    pass
+
+
+class SwapAborted(Exception):
+    """The swap could not complete; the old generation (if any) keeps serving."""
+
+
+@dataclass
+class Generation:
+    number: int
+    spec: BundleSpec
+    digest: str
+    process: WorkerProcess
+    state: GenState = GenState.SPAWNING
+    hooks: dict[str, bool] = field(default_factory=dict)
+    spawned_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.spec.name}@{self.number}"
+
+    def hands_over_to(self, successor: Generation) -> bool:
+        return bool(self.hooks.get("snapshot")) and bool(successor.hooks.get("restore"))
+
+
+@dataclass
+class Services:
+    """What a runner needs from the supervisor; one instance shared by all bundles."""
+
+    config: Config
+    zygote: Zygote
+    channel: WorkerChannel
+    sockets: SocketRegistry
+    sink: LogSink
+    digest: Callable[[BundleSource], Awaitable[str | None]]
+
+
+class BundleRunner:
+    """Owns one bundle: its generations, its swaps, its crash restarts."""
+
+    def __init__(self, source: BundleSource, services: Services) -> None:
+        self.source = source
+        self.name = source.name
+        self.svc = services
+        self.state = BundleState.STARTING
+        self.current: Generation | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.last_swap_ms: float | None = None
+        self.last_pause_ms: float | None = None
+        self.swaps = 0
+        self._number = 0
+        self._tried: str | None = None  # the content digest last tried
+        self._last_state: bytes | None = None  # the newest snapshot we hold
+        self._crashes: list[float] = []
+        self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._force = False
+        self._gens: dict[int, Generation] = {}  # every generation not yet reaped
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the bundle's loop; its first pass starts generation 1."""
+        self.request(force=True)
+        self._task = asyncio.ensure_future(self.run())
+
+    # -- triggers -------------------------------------------------------------
+
+    def request(self, force: bool = False) -> None:
+        """Ask for a pass: a swap if the content changed (or always, if ``force``).
+
+        Requests made while a swap runs coalesce into one more pass after it.
+        """
+        self._force = self._force or force
+        self._wake.set()
+
+    def worker_exited(self, pid: int, code: int) -> bool:
+        """The zygote reaped ``pid``; True if it was one of ours."""
+        for gen in self._gens.values():
+            if gen.process.pid == pid:
+                gen.process.exit_status(code)
+                return True
+        return False
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            force, self._force = self._force, False
+            try:
+                current = self.current
+                if current is not None and current.process.exited.done():
+                    await self._recover(current)
+                else:
+                    await self._advance(force)
+            except Exception:
+                log.exception("%s: internal error in the swap loop", self.name)
+
+    async def close(self) -> None:
+        """Stop the loop (cutting short a swap in progress), retire every serving
+        generation (drain, stop(), exit), kill the others, release the sockets."""
+        self._closed.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.current = None
+        for gen in list(self._gens.values()):
+            if gen.state in (S.READY, S.PAUSED):
+                self._retire_later(gen)
+            elif gen.state in (S.SPAWNING, S.LOADED):
+                await self._discard(gen, "shutting down")
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self.svc.sockets.release_unused(self.name, [])
+        self.state = BundleState.STOPPED
+
+    def status(self) -> dict[str, Any]:
+        gen = self.current
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "generation": gen.number if gen else None,
+            "pid": gen.process.pid if gen else None,
+            "restarts": self.restarts,
+            "version": gen.spec.version if gen else None,
+            "last_swap_ms": _round(self.last_swap_ms),
+            "last_pause_ms": _round(self.last_pause_ms),
+            "last_error": self.last_error,
+            "swaps": self.swaps,
+            "sockets": self.svc.sockets.addresses(self.name),
+        }
+
+    # -- the steps --------------------------------------------------------------
+
+    async def _advance(self, force: bool) -> None:
+        """Start the bundle, or swap it, if its content changed since the last try."""
+        started = time.monotonic()
+        digest = await self.svc.digest(self.source)
+        if digest is None:
+            return  # the directory is gone; the supervisor removes us
+        if not force and digest == self._tried:
+            return
+        self._tried = digest
+        try:
+            spec = load_bundle(self.source, self.svc.config)
+        except ConfigError as exc:
+            self._report("cannot load the bundle: " + "; ".join(exc.problems))
+            return
+        if self.current is None:
+            await self._start(spec, digest, self._last_state)
+        else:
+            await self._swap(spec, digest, started)
+
+    async def _start(self, spec: BundleSpec, digest: str, state: bytes | None) -> None:
+        """Bring up a generation when none is serving (first start, restart)."""
+        self.state = BundleState.STARTING
+        try:
+            new = await self._spawn(spec, digest)
+        except SwapAborted as exc:
+            self._report(str(exc), failed=True)
+            return
+        try:
+            await self._load(new)
+            await self._begin(new, state if new.hooks.get("restore") else None)
+        except SwapAborted as exc:
+            await self._discard(new, str(exc))
+            self._report(f"{new.tag} did not start: {exc}", failed=True)
+            return
+        self.current = new
+        self.state = BundleState.RUNNING
+        log.info("%s: serving (pid %s)", new.tag, new.process.pid)
+
+    async def _swap(self, spec: BundleSpec, digest: str, started: float) -> None:
+        old = self.current
+        assert old is not None
+        self.state = BundleState.SWAPPING
+        try:
+            new = await self._spawn(spec, digest)
+        except SwapAborted as exc:
+            self._report(f"swap aborted, {old.tag} keeps serving: {exc}")
+            return
+        paused_at = None
+        try:
+            await self._load(new)
+            if old.hands_over_to(new):
+                paused_at = time.monotonic()
+                snapshot = await self._pause(old)
+                await self._begin(new, snapshot)
+                self._last_state = snapshot
+            else:
+                await self._begin(new, None)
+        except SwapAborted as exc:
+            await self._discard(new, str(exc))
+            if old.state is S.PAUSED:
+                await self._resume(old)
+            self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}")
+            return
+        ready_at = time.monotonic()
+        self.current = new
+        self.state = BundleState.RUNNING
+        self.last_error = None
+        self.swaps += 1
+        self.last_swap_ms = (ready_at - started) * 1000
+        self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
+        mode = "hand-over" if paused_at is not None else "overlap"
+        log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
+                 self.last_swap_ms, mode, self.last_pause_ms)
+        self._retire_later(old)
+
+    async def _recover(self, crashed: Generation) -> None:
+        """The serving generation died: restart it, within the restart intensity."""
+        how = await crashed.process.describe_exit()
+        self._move(crashed, S.FAILED)
+        await self._forget(crashed)
+        self.current = None
+        timing = crashed.spec.timing
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < timing.restart_window] + [now]
+        error = f"{crashed.tag} {how} while serving"
+        if len(self._crashes) > timing.max_restarts:
+            self._report(f"{error}; {len(self._crashes)} crashes within "
+                         f"{timing.restart_window:g}s, giving up until the files change",
+                         failed=True)
+            return
+        delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
+        self._report(f"{error}; restarting in {delay:.1f}s", failed=True)
+        self.restarts += 1
+        try:  # a backoff, cut short if the bundle is closed meanwhile
+            await asyncio.wait_for(self._closed.wait(), delay)
+            return
+        except TimeoutError:
+            pass
+        await self._advance(force=True)
+
+    # -- one generation's moves ------------------------------------------------
+
+    async def _spawn(self, spec: BundleSpec, digest: str) -> Generation:
+        try:
+            sockets = self.svc.sockets.acquire(spec)
+        except SocketError as exc:
+            raise SwapAborted(str(exc)) from None
+        self._number += 1
+        process = WorkerProcess(spec, self._number, self.svc.channel, self.svc.sink)
+        gen = Generation(self._number, spec, digest, process)
+        self._gens[gen.number] = gen
+        process.exited.add_done_callback(lambda _: self._on_exit(gen))
+        try:
+            await process.spawn(self.svc.zygote, sockets, self.svc.channel.endpoint,
+                                self.svc.config.log_level)
+        except ZygoteError as exc:
+            await self._forget(gen)
+            self._release_sockets()
+            raise SwapAborted(f"cannot fork {gen.tag}: {exc}") from None
+        log.debug("%s: spawned pid %d", gen.tag, process.pid)
+        return gen
+
+    async def _load(self, gen: Generation) -> None:
+        try:
+            loaded = await gen.process.wait_loaded(gen.spec.timing.start_timeout)
+        except WorkerError as exc:
+            raise SwapAborted(f"{gen.tag} failed to load: {exc}") from None
+        gen.hooks = dict(loaded.get("hooks", {}))
+        self._move(gen, S.LOADED)
+
+    async def _begin(self, gen: Generation, snapshot: bytes | None) -> None:
+        """restore(snapshot) if any, then start(): LOADED -> READY."""
+        try:
+            await gen.process.call(P.OP_START, gen.spec.timing.start_timeout, snapshot)
+        except WorkerError as exc:
+            raise SwapAborted(f"{gen.tag} failed to start: {exc}") from None
+        self._move(gen, S.READY)
+
+    async def _pause(self, gen: Generation) -> bytes:
+        """Stop accepting, let in-flight connections finish, take the snapshot."""
+        self._move(gen, S.PAUSED)
+        timing = gen.spec.timing
+        try:
+            _, snapshot = await gen.process.call(
+                P.OP_PAUSE, timing.quiesce_timeout + STOP_GRACE,
+                quiesce_timeout=timing.quiesce_timeout, snapshot=True)
+        except WorkerError as exc:
+            raise SwapAborted(f"{gen.tag} could not hand over its state: {exc}") from None
+        if snapshot is None:
+            raise SwapAborted(f"{gen.tag} sent no snapshot")
+        return snapshot
+
+    async def _resume(self, gen: Generation) -> None:
+        try:
+            await gen.process.call(P.OP_RESUME, gen.spec.timing.quiesce_timeout)
+        except WorkerError as exc:
+            log.error("%s: could not resume: %s", gen.tag, exc)
+            return
+        self._move(gen, S.READY)
+
+    def _retire_later(self, gen: Generation) -> None:
+        task = asyncio.ensure_future(self._retire(gen))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, gen: Generation) -> None:
+        """Ask (retire: drain, stop(), exit), wait until the deadline, kill, reap."""
+        self._move(gen, S.RETIRING)
+        drain = gen.spec.timing.drain_timeout
+        try:
+            await gen.process.call(P.OP_RETIRE, drain + STOP_GRACE, drain_timeout=drain)
+        except WorkerError as exc:
+            log.warning("%s: retire: %s", gen.tag, exc)
+        if not await gen.process.wait_exit(STOP_GRACE):
+            log.warning("%s: still running after retiring; killing it", gen.tag)
+            gen.process.kill()
+            await gen.process.wait_exit(STOP_GRACE)
+        self._move(gen, S.EXITED)
+        await self._forget(gen)
+        self._release_sockets()
+        log.info("%s: retired", gen.tag)
+
+    async def _discard(self, gen: Generation, why: str) -> None:
+        """Kill a generation that will never serve, and reap it."""
+        self._move(gen, S.FAILED)
+        gen.process.kill()
+        if not await gen.process.wait_exit(STOP_GRACE):
+            log.error("%s: did not exit after SIGKILL", gen.tag)
+        await self._forget(gen)
+        self._release_sockets()
+        log.debug("%s: discarded: %s", gen.tag, why)
+
+    async def _forget(self, gen: Generation) -> None:
+        await gen.process.close()
+        self._gens.pop(gen.number, None)
+
+    def _move(self, gen: Generation, to: GenState) -> None:
+        if to not in MOVES[gen.state]:
+            raise IllegalMove(f"{gen.tag}: {gen.state.value} -> {to.value} is not a legal move")
+        log.debug("%s: %s -> %s", gen.tag, gen.state.value, to.value)
+        gen.state = to
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _on_exit(self, gen: Generation) -> None:
+        # Only a serving generation's death needs the loop: one that is loading,
+        # starting or retiring is being waited on by the step that owns it.
+        if gen is self.current and gen.state in (S.READY, S.PAUSED):
+            self._wake.set()
+
+    def _release_sockets(self) -> None:
+        """Close the sockets that no generation still alive declares."""
+        keep = [g.spec for g in self._gens.values()]
+        self.svc.sockets.release_unused(self.name, keep)
+
+    def _report(self, message: str, failed: bool = False) -> None:
+        self.last_error = message
+        if failed or self.current is None:
+            self.state = BundleState.FAILED
+        else:
+            self.state = BundleState.RUNNING
+        log.error("%s: %s", self.name, message, extra={"bundle": self.name})
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None

@@ -1,0 +1,120 @@
+"""File changes: one watchfiles watcher over bundles_dir and every bundle directory.
+
+An event only says "look again": editors save by rename, a copy into a
+brand-new subdirectory can be missed, a write may not change a byte. So a batch
+of events becomes "rescan these bundles", and a bundle swaps only when its
+content digest changed.
+
+Latency: watchfiles hands over a batch once its set of changed paths stayed the
+same for one ``step``; we run it with a short step and keep the quiet period
+(``watch_quiet_ms``) ourselves, measured from the last batch, so a change is
+taken about ``watch_quiet_ms`` after the last write instead of up to twice that.
+A directory that never goes quiet is still taken every ``watch_batch_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+
+log = logging.getLogger("hotsup")
+
+#: watchfiles' own quiet step (ms); ours is watch_quiet_ms on top of what it saw.
+_STEP_MS = 5
+
+_IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache",
+                 ".ruff_cache", "node_modules"}
+_IGNORED_SUFFIXES = (".pyc", ".pyo", "~", ".swp", ".swx", ".swo", ".tmp", ".bak")
+
+
+def ignored(name: str) -> bool:
+    """Files that never change what a bundle runs (bytecode, editor droppings)."""
+    return (name.startswith(".") or name in _IGNORED_DIRS or name.endswith(_IGNORED_SUFFIXES)
+            or (name.startswith("#") and name.endswith("#")))
+
+
+def digest(path: Path) -> str | None:
+    """A hash of every file a bundle could run or read; None if the directory is gone."""
+    if not path.is_dir():
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not ignored(d))
+        for name in sorted(files):
+            if ignored(name):
+                continue
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0")
+            try:
+                with open(full, "rb") as handle:
+                    for chunk in iter(lambda h=handle: h.read(1 << 16), b""):  # type: ignore[misc]
+                        h.update(chunk)
+            except OSError:
+                h.update(b"<unreadable>")  # vanished mid-walk: the next event rescans
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+async def adigest(path: Path) -> str | None:
+    return await asyncio.to_thread(digest, path)
+
+
+class _Filter(watchfiles.DefaultFilter):
+    def __call__(self, change: watchfiles.Change, path: str) -> bool:
+        return not ignored(os.path.basename(path)) and super().__call__(change, path)
+
+
+class Watcher:
+    """Calls ``on_batch(paths)`` once per quiet batch of changes under ``roots``."""
+
+    def __init__(self, roots: list[Path], quiet_ms: int, batch_ms: int,
+                 on_batch: Callable[[set[Path]], None]) -> None:
+        self._roots = [r for r in roots if r.is_dir()]
+        self._quiet = max(0.0, (quiet_ms - _STEP_MS) / 1000)
+        self._batch_ms = batch_ms
+        self._on_batch = on_batch
+        self._stop = asyncio.Event()
+        self._pending: set[Path] = set()
+        self._first: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        if not self._roots:
+            return
+        try:
+            async for changes in watchfiles.awatch(
+                *self._roots, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
+                stop_event=self._stop, recursive=True, ignore_permission_denied=True,
+            ):
+                self._add({Path(p) for _, p in changes})
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _add(self, paths: set[Path]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        if self._first is None:
+            self._first = now
+        self._pending |= paths
+        if self._timer is not None:
+            self._timer.cancel()
+        overdue = (now - self._first) * 1000 >= self._batch_ms
+        self._timer = loop.call_later(0 if overdue else self._quiet, self._flush)
+
+    def _flush(self) -> None:
+        paths, self._pending = self._pending, set()
+        self._first = None
+        self._timer = None
+        if paths:
+            self._on_batch(paths)

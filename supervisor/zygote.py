@@ -1,0 +1,167 @@
+"""The supervisor's handle on the zygote process (``hotsup.worker.zygote``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hotsup.worker import protocol as P
+
+log = logging.getLogger("hotsup")
+
+ExitCallback = Callable[[int, int], None]
+
+
+class ZygoteError(Exception):
+    pass
+
+
+class Zygote:
+    """Starts the zygote, asks it for workers, hears of their exits.
+
+    ``spawn()`` sends the spec and the fds in one packet and returns the pid.
+    ``on_exit(pid, code)`` is called for every worker the zygote reaped (code
+    as ``os.waitstatus_to_exitcode``: negative for a signal).
+    """
+
+    def __init__(self, preload: tuple[str, ...], lifeline: int, on_exit: ExitCallback) -> None:
+        self._preload = preload
+        self._lifeline = lifeline
+        self._on_exit = on_exit
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._ids = itertools.count(1)
+        self._ready: asyncio.Future[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # fork+exec of a fresh interpreter (never a bare fork of this
+            # process, whose event loop and zmq context must not be copied).
+            # Its own process group: Ctrl-C in a terminal reaches only us.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "hotsup.worker.zygote",
+                 "--channel", str(theirs.fileno()), "--lifeline", str(self._lifeline),
+                 *self._preload],
+                pass_fds=(theirs.fileno(), self._lifeline),
+                stdin=subprocess.DEVNULL,
+                process_group=0,
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except BaseException:
+            await self.stop(timeout=2.0)
+            raise
+        log.debug("zygote %d ready", self._proc.pid)
+
+    async def spawn(self, spec: P.SpawnSpec, fds: list[int], timeout: float = 10.0) -> int:
+        if self._sock is None:
+            raise ZygoteError("the zygote is not running")
+        request_id = next(self._ids)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            data = P.pack_zygote({"op": P.ZY_SPAWN, "id": request_id, "spec": spec})
+            socket.send_fds(self._sock, [data], fds)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ZygoteError(f"the zygote did not answer a spawn within {timeout:g}s") from None
+        except OSError as exc:
+            raise ZygoteError(f"cannot reach the zygote: {exc}") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the channel (the zygote exits on EOF), wait, kill if it will not go."""
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("zygote %d did not exit within %gs; killing it", proc.pid, timeout)
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(P.MAX_ZYGOTE_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            try:
+                self._handle(P.unpack_zygote(data))
+            except P.ProtocolError as exc:
+                log.error("zygote sent a malformed message: %s", exc)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "ready" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+        elif op == P.ZY_SPAWNED:
+            future = self._pending.get(message.get("id", -1))
+            if future is not None and not future.done():
+                future.set_result(int(message["pid"]))
+        elif op == P.ZY_EXITED:
+            self._on_exit(int(message["pid"]), int(message["status"]))
+        elif op == P.ZY_ERROR:
+            error = ZygoteError(str(message.get("error")))
+            future = self._pending.get(message.get("id") or -1)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            elif self._ready is not None and not self._ready.done():
+                self._ready.set_exception(error)
+            else:
+                log.error("zygote: %s", error)
+
+    def _lost(self) -> None:
+        assert self._sock is not None
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+        error = ZygoteError("the zygote exited")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        else:
+            log.error("the zygote exited; new generations cannot start until it is restarted")
+
+
+def lifeline() -> tuple[int, int]:
+    """A pipe whose write end only the supervisor holds: EOF at the read end
+    tells the zygote and every worker that the supervisor is gone, even after
+    a SIGKILL. Returns ``(read_fd, write_fd)``, both close-on-exec."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_fd, False)
+    return read_fd, write_fd

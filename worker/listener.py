@@ -1,0 +1,147 @@
+"""An asyncio streams server on an inherited listening socket, controlled by the runtime.
+
+Why not ``asyncio.start_server``: ``Server.close()`` can lose a connection that
+was accepted just before it (the client sees a reset), and pausing means closing.
+This listener runs its own accept loop as a reader callback, so pausing is just
+removing the reader: connections that arrive meanwhile wait in the kernel
+backlog of the socket, which the supervisor and the next generation also hold,
+and none is refused or reset.
+
+The listening socket is never ``shutdown()``: that would reset every queued
+connection for every process holding it. Closing our copy loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+#: Connections accepted per readiness callback, so one busy socket cannot starve
+#: the loop (and a pause request waits at most one batch).
+_ACCEPT_BATCH = 64
+
+
+class Listener:
+    """Serves ``callback(reader, writer)`` for every connection on ``sock``.
+
+    Contract: accepting starts at construction; ``pause()`` stops accepting at
+    once (no connection is accepted after it returns); ``resume()`` starts
+    again; ``inflight`` counts connections accepted and not yet finished (the
+    callback returned and the transport closed); ``wait_idle()`` waits until it
+    is zero. Every connection task is strongly referenced until it ends.
+    """
+
+    def __init__(
+        self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger
+    ) -> None:
+        self.name = name
+        self._sock = sock
+        self._callback = callback
+        self._log = log
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        # The socket is shared: O_NONBLOCK lives on the open file description,
+        # which the supervisor already made non-blocking for every holder.
+        self._sock.setblocking(False)
+        self.resume()
+
+    def __await__(self) -> Generator[Any, None, Listener]:
+        """``await ctx.serve(...)`` and plain ``ctx.serve(...)`` both work."""
+        return self
+        yield  # pragma: no cover - makes this a generator
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    def pause(self) -> None:
+        if self._accepting:
+            self._loop.remove_reader(self._sock.fileno())
+            self._accepting = False
+
+    def resume(self) -> None:
+        if not self._accepting:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._accepting = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no connection is in flight, False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel_inflight(self) -> int:
+        """Cancel every connection still in flight; returns how many there were."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    def close(self) -> None:
+        """Stop accepting and close this process's copy of the socket (never shutdown)."""
+        self.pause()
+        self._sock.close()
+
+    def _on_readable(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # EMFILE and friends: leave the connection queued in the backlog
+                # and try again shortly, rather than spinning on a readable fd.
+                self._log.error("accept on socket %r failed: %s", self.name, exc)
+                self.pause()
+                self._loop.call_later(0.1, self.resume)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            self._idle.clear()
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+
+    async def _serve(self, conn: socket.socket) -> None:
+        reader = asyncio.StreamReader(loop=self._loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock=conn)
+        except OSError as exc:
+            conn.close()
+            self._log.warning("connection on %r lost before it was served: %s", self.name, exc)
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        try:
+            await self._callback(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away; nothing to report
+        except Exception:
+            self._log.exception("connection handler for socket %r failed", self.name)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass

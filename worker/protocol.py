@@ -1,0 +1,134 @@
+"""The wire between the supervisor, the zygote and the workers.
+
+This module is imported by both sides and imports neither, so a worker never
+pulls in supervisor code. Two channels:
+
+* **zygote channel**: a ``SOCK_SEQPACKET`` socketpair between the supervisor and
+  the zygote. Each message is one JSON object; a ``spawn`` request carries the
+  worker's file descriptors by ``SCM_RIGHTS`` in the same packet, in the order
+  ``[log_pipe, *sockets]``. Replies: ``spawned`` (with the pid) or ``error``;
+  unprompted: ``exited`` with a worker's wait status, once the zygote reaped it.
+
+* **worker channel**: ZeroMQ, a ROUTER in the supervisor and one DEALER per
+  worker, over ``ipc://<run_dir>/workers``. A message is ``[header, payload?]``:
+  the header a JSON object with ``v`` (protocol version) and ``op``, the payload
+  optional opaque bytes (a pickled snapshot). Every message a worker sends
+  carries its per-generation ``token``; the supervisor drops any message whose
+  token does not match the generation it claims to be.
+
+Worker -> supervisor: ``loaded`` (entry imported and constructed, with the hooks
+it has), ``failed`` (it could not load; ``error`` says why), ``reply`` (to a
+request ``id``: ``ok`` true, or false with ``error``).
+
+Supervisor -> worker requests (each has an ``id``; the worker replies once):
+``start`` (payload: a snapshot to ``restore()`` first, if any), ``pause``
+(stop accepting, wait for in-flight connections, optionally ``snapshot``; the
+reply's payload is the snapshot), ``resume``, ``snapshot`` (without pausing),
+``retire`` (stop accepting, drain, ``stop()``, then exit), ``ping``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, TypedDict
+
+PROTOCOL_VERSION: Final = 1
+
+#: The backlog of every listening socket, in the supervisor and anywhere a
+#: worker might call listen() again: a listen() with a smaller backlog on a
+#: shared socket would shrink it for every holder.
+BACKLOG: Final = 1024
+
+#: The largest message the supervisor's ROUTER accepts from a worker (bytes).
+MAX_WORKER_MESSAGE: Final = 256 * 1024 * 1024
+
+#: The largest packet on the zygote channel.
+MAX_ZYGOTE_MESSAGE: Final = 1024 * 1024
+
+#: Exit codes a worker uses, so the supervisor can tell a load error from a crash.
+EXIT_OK: Final = 0
+EXIT_LOAD_ERROR: Final = 4
+EXIT_SUPERVISOR_GONE: Final = 5
+
+# Worker channel operations.
+OP_LOADED: Final = "loaded"
+OP_FAILED: Final = "failed"
+OP_REPLY: Final = "reply"
+OP_START: Final = "start"
+OP_PAUSE: Final = "pause"
+OP_RESUME: Final = "resume"
+OP_SNAPSHOT: Final = "snapshot"
+OP_RETIRE: Final = "retire"
+OP_PING: Final = "ping"
+
+REQUESTS: Final = frozenset({OP_START, OP_PAUSE, OP_RESUME, OP_SNAPSHOT, OP_RETIRE, OP_PING})
+
+# Zygote channel operations.
+ZY_SPAWN: Final = "spawn"
+ZY_SPAWNED: Final = "spawned"
+ZY_EXITED: Final = "exited"
+ZY_ERROR: Final = "error"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+class SpawnSpec(TypedDict):
+    """Everything a new worker needs, sent to the zygote with its fds."""
+
+    bundle: str
+    generation: int
+    token: str
+    endpoint: str
+    path: str
+    entry: str
+    kind: str
+    factory: bool
+    version: str
+    settings: dict[str, Any]
+    socket_names: list[str]
+    log_level: str
+    multiprocessing_logging: bool
+
+
+def encode(header: dict[str, Any], payload: bytes | None = None) -> list[bytes]:
+    """Frames for one worker-channel message."""
+    frames = [json.dumps({"v": PROTOCOL_VERSION, **header}, separators=(",", ":")).encode()]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
+    """Header and payload of one worker-channel message; ProtocolError if malformed."""
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}")
+    try:
+        header = json.loads(frames[0])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    if not isinstance(header.get("op"), str):
+        raise ProtocolError("header has no 'op'")
+    return header, frames[1] if len(frames) == 2 else None
+
+
+def pack_zygote(message: dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_ZYGOTE_MESSAGE:
+        raise ProtocolError(f"zygote message of {len(data)} bytes is too large")
+    return data
+
+
+def unpack_zygote(data: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"zygote message is not JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ProtocolError("zygote message has no 'op'")
+    return message

@@ -1,0 +1,353 @@
+"""One worker: one generation of one bundle, from import to exit.
+
+Runs in a process forked from the zygote, after the zygote reset signals and
+pointed stdout and stderr at the worker's log pipe. It creates its own event
+loop and its own zmq context (nothing of the zygote's is reused), imports the
+bundle's entry from source, reports ``loaded`` over the worker channel and then
+obeys the supervisor's requests until it is retired or the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.machinery
+import inspect
+import json
+import logging
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from . import protocol as P
+from .context import BundleContext
+
+
+def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int) -> int:
+    """Run the worker to its end and return its exit code."""
+    path = Path(spec["path"])
+    _import_bundle_from_source(path)
+    log = _setup_logging(spec)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_main(spec, sockets, lifeline, log))
+    finally:
+        loop.close()
+        logging.shutdown()
+
+
+async def _main(
+    spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int, log: logging.Logger
+) -> int:
+    return await Worker(spec, sockets, lifeline, log).run()
+
+
+class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Compiles from source every time and never writes bytecode.
+
+    A file rewritten at the same size within the same second passes the
+    mtime-and-size check of its cached ``.pyc``, and the old code would be
+    served. ``path_stats`` failing makes ``get_code`` skip the cache both ways.
+    """
+
+    def path_stats(self, path: str) -> dict[str, Any]:
+        raise OSError("hotsup: bundle code is always compiled from source")
+
+
+def _import_bundle_from_source(bundle_dir: Path) -> None:
+    """Put the bundle first on sys.path, its modules loaded by _SourceOnlyLoader."""
+    root = os.path.realpath(bundle_dir)
+    source = (_SourceOnlyLoader, importlib.machinery.SOURCE_SUFFIXES)
+    extensions = (
+        importlib.machinery.ExtensionFileLoader,
+        importlib.machinery.EXTENSION_SUFFIXES,
+    )
+    make_finder = importlib.machinery.FileFinder.path_hook(extensions, source)
+
+    def hook(entry: str) -> Any:
+        real = os.path.realpath(entry or ".")
+        if real != root and not real.startswith(root + os.sep):
+            raise ImportError("not a bundle path")
+        return make_finder(entry)
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
+    sys.path.insert(0, str(bundle_dir))
+
+
+class _JsonLineHandler(logging.Handler):
+    """One JSON object per record on the log pipe, tagged with bundle and generation."""
+
+    def __init__(self, bundle: str, generation: int) -> None:
+        super().__init__()
+        self._tag = {"bundle": bundle, "generation": generation}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            line = json.dumps(
+                {
+                    "hotsup": 1,
+                    **self._tag,
+                    "ts": record.created,
+                    "level": record.levelname,
+                    "logger": record.name,
+                    "msg": message,
+                }
+            )
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(spec: P.SpawnSpec) -> logging.Logger:
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_JsonLineHandler(spec["bundle"], spec["generation"]))
+    root.setLevel(spec["log_level"].upper())
+    return logging.getLogger(f"hotsup.bundle.{spec['bundle']}")
+
+
+def _resolve_entry(entry: str) -> Any:
+    module_name, _, attribute = entry.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
+
+
+class Worker:
+    """The worker's side of the swap: answers the supervisor's requests."""
+
+    def __init__(
+        self,
+        spec: P.SpawnSpec,
+        sockets: dict[str, socket.socket],
+        lifeline: int,
+        log: logging.Logger,
+    ) -> None:
+        self.spec = spec
+        self.sockets = sockets
+        self.lifeline = lifeline
+        self.log = log
+        self.ctx = BundleContext(
+            spec["bundle"], spec["generation"], spec["settings"], sockets, Path(spec["path"]), log
+        )
+        self.bundle: Any = None
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._zctx = zmq.asyncio.Context()
+        self._chan = self._zctx.socket(zmq.DEALER)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: dict[str, Callable[[dict[str, Any], bytes | None], Any]] = {
+            P.OP_START: self._start,
+            P.OP_PAUSE: self._pause,
+            P.OP_RESUME: self._resume,
+            P.OP_SNAPSHOT: self._snapshot,
+            P.OP_RETIRE: self._retire,
+            P.OP_PING: self._ping,
+        }
+        self._serial = asyncio.Lock()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._chan.setsockopt(zmq.LINGER, 2000)
+        self._chan.connect(self.spec["endpoint"])
+        # The supervisor holds the only write end of the lifeline pipe: EOF on
+        # it means the supervisor is gone (even SIGKILLed), and so must we be.
+        loop.add_reader(self.lifeline, self._on_lifeline)
+        try:
+            code = await self._serve()
+        finally:
+            loop.remove_reader(self.lifeline)
+            for listener in self.ctx.listeners:
+                listener.pause()
+            for task in self._tasks:
+                task.cancel()
+            self._chan.close()
+            self._zctx.term()
+        return code
+
+    async def _serve(self) -> int:
+        try:
+            self.bundle = self._load()
+        except BaseException as exc:  # noqa: BLE001 - every load failure is reported
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            self.log.error("cannot load %s: %s", self.spec["entry"], text)
+            await self._send({"op": P.OP_FAILED, "error": _one_line(exc), "detail": text})
+            return P.EXIT_LOAD_ERROR
+        hooks = {name: callable(getattr(self.bundle, name, None)) for name in _HOOKS}
+        await self._send({"op": P.OP_LOADED, "hooks": hooks, "pid": os.getpid()})
+        receiver = asyncio.ensure_future(self._receive())
+        try:
+            return await self.done
+        finally:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    def _load(self) -> Any:
+        entry = _resolve_entry(self.spec["entry"])
+        if self.spec["kind"] != "service":
+            raise RuntimeError(f"bundle kind {self.spec['kind']!r} is not supported by this worker")
+        bundle = entry(self.ctx)
+        if not callable(getattr(bundle, "start", None)):
+            raise TypeError(f"{self.spec['entry']} made {bundle!r}, which has no start() method")
+        return bundle
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._chan.recv_multipart()
+            try:
+                header, payload = P.decode(frames)
+            except P.ProtocolError as exc:
+                self.log.warning("dropped a malformed message from the supervisor: %s", exc)
+                continue
+            # Pings are answered even while a long request (start()) runs; the
+            # other requests run one at a time, in the order they arrived.
+            serial = header["op"] != P.OP_PING
+            task = asyncio.ensure_future(self._answer_in_turn(header, payload, serial))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer_in_turn(
+        self, header: dict[str, Any], payload: bytes | None, serial: bool
+    ) -> None:
+        if not serial:
+            await self._answer(header, payload)
+            return
+        async with self._serial:
+            await self._answer(header, payload)
+
+    async def _answer(self, header: dict[str, Any], payload: bytes | None) -> None:
+        handler = self._handlers.get(header["op"])
+        reply: dict[str, Any] = {"op": P.OP_REPLY, "id": header.get("id")}
+        data: bytes | None = None
+        if handler is None:
+            reply.update(ok=False, error=f"unknown request {header['op']!r}")
+        else:
+            try:
+                result = await handler(header, payload)
+            except Exception as exc:
+                text = "".join(traceback.format_exception(exc)).rstrip()
+                self.log.error("%s failed: %s", header["op"], text)
+                reply.update(ok=False, error=_one_line(exc), detail=text)
+            else:
+                reply["ok"] = True
+                if isinstance(result, bytes):
+                    data = result
+                elif isinstance(result, dict):
+                    reply.update(result)
+        await self._send(reply, data)
+        if header["op"] == P.OP_RETIRE and not self.done.done():
+            self.done.set_result(P.EXIT_OK)
+
+    async def _send(self, header: dict[str, Any], payload: bytes | None = None) -> None:
+        await self._chan.send_multipart(P.encode({**header, "token": self.spec["token"]}, payload))
+
+    # -- requests -------------------------------------------------------------
+
+    async def _start(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+        if payload is not None:
+            # The snapshot came from the previous generation of this same
+            # bundle, relayed by the supervisor over the owner-only channel
+            # that this worker authenticated to.
+            state = pickle.loads(payload)
+            await _maybe_await(self.bundle.restore(state))
+        await _maybe_await(self.bundle.start())
+        return {"listeners": len(self.ctx.listeners)}
+
+    async def _pause(self, header: dict[str, Any], payload: bytes | None) -> bytes | dict[str, Any]:
+        started = time.monotonic()
+        for listener in self.ctx.listeners:
+            listener.pause()
+        timeout = float(header.get("quiesce_timeout", 5.0))
+        if not await self._wait_idle(timeout):
+            busy = sum(listener.inflight for listener in self.ctx.listeners)
+            raise TimeoutError(f"{busy} connection(s) still in flight after {timeout:g}s")
+        if header.get("snapshot"):
+            return self._take_snapshot()
+        return {"quiesce_ms": (time.monotonic() - started) * 1000}
+
+    async def _resume(self, header: dict[str, Any], payload: bytes | None) -> None:
+        for listener in self.ctx.listeners:
+            listener.resume()
+
+    async def _snapshot(self, header: dict[str, Any], payload: bytes | None) -> bytes:
+        return self._take_snapshot()
+
+    async def _retire(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+        for listener in self.ctx.listeners:
+            listener.pause()
+        timeout = float(header.get("drain_timeout", 30.0))
+        cut = 0
+        if not await self._wait_idle(timeout):
+            for listener in self.ctx.listeners:
+                cut += await listener.cancel_inflight()
+            self.log.warning("drain_timeout (%gs) passed: cut %d connection(s)", timeout, cut)
+        stop = getattr(self.bundle, "stop", None)
+        if callable(stop):
+            await _maybe_await(stop())
+        for listener in self.ctx.listeners:
+            listener.close()
+        return {"cut": cut}
+
+    async def _ping(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+        return {"pong": time.time()}
+
+    # -- helpers --------------------------------------------------------------
+
+    def _take_snapshot(self) -> bytes:
+        snapshot = getattr(self.bundle, "snapshot", None)
+        if not callable(snapshot):
+            raise RuntimeError("this bundle has no snapshot() hook")
+        return pickle.dumps(snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for listener in self.ctx.listeners:
+            if not await listener.wait_idle(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def _on_lifeline(self) -> None:
+        try:
+            data = os.read(self.lifeline, 1)
+        except BlockingIOError:
+            return
+        if not data and not self.done.done():
+            self.log.warning("the supervisor is gone; exiting")
+            self.done.set_result(P.EXIT_SUPERVISOR_GONE)
+
+
+_HOOKS = ("snapshot", "restore", "stop")
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError) and exc.filename:
+        text = f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    return text.splitlines()[0] if text else type(exc).__name__
