@@ -17,7 +17,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from hotsup.worker import protocol as P
 
 log = logging.getLogger("hotsup")

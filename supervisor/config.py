@@ -315,8 +315,22 @@ def load_config(path: Path) -> Config:
     bundles_dir = (base / bundles_dir_text) if bundles_dir_text else None
     if bundles_dir is not None and not bundles_dir.is_dir():
         problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
+    declared = _declared(_table(data, "bundles", problems), base, bundles_dir, problems)
+
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return Config(
+        path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
+        watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
+        declared=declared,
+    )
+
+
+def _declared(tables: dict[str, Any], base: Path, bundles_dir: Path | None,
+              problems: _Problems) -> dict[str, BundleSource]:
+    """The ``[bundles.NAME]`` tables: where each bundle is, and what it overrides."""
     declared: dict[str, BundleSource] = {}
-    for name, table in _table(data, "bundles", problems).items():
+    for name, table in tables.items():
         prefix = f"bundles.{name}."
         if not isinstance(table, dict):
             problems.add(f"bundles.{name}", f"expected a table, got {_describe(table)}")
@@ -336,14 +350,7 @@ def load_config(path: Path) -> Config:
         if not (bundle_path / MANIFEST).is_file():
             problems.add(f"{prefix}path", f"{bundle_path} has no {MANIFEST}")
         declared[name] = BundleSource(name, bundle_path, overrides)
-
-    if problems.lines:
-        raise ConfigError(problems.lines)
-    return Config(
-        path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
-        watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
-        declared=declared,
-    )
+    return declared
 
 
 # -- bundle.toml ------------------------------------------------------------------

@@ -88,8 +88,7 @@ class WorkerProcess:
         self._replies[request_id] = future
         try:
             await self._channel.send(self.token, {"op": op, "id": request_id, **fields}, payload)
-            done, _ = await asyncio.wait({future, self.exited}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done = await self._first_of(future, timeout)
             if future in done:
                 header, data = future.result()
                 if not header.get("ok"):
@@ -104,13 +103,18 @@ class WorkerProcess:
             self._replies.pop(request_id, None)
 
     async def wait_loaded(self, timeout: float) -> dict[str, Any]:
-        done, _ = await asyncio.wait({self.loaded, self.exited}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done = await self._first_of(self.loaded, timeout)
         if self.loaded in done:
             return self.loaded.result()  # raises WorkerError if it reported a failure
         if self.exited in done:
             raise WorkerError(f"the worker {await self.describe_exit()} before it loaded")
         raise WorkerError(f"not loaded within start_timeout ({timeout:g}s)")
+
+    async def _first_of(self, future: asyncio.Future[Any], timeout: float) -> set[Any]:
+        """Wait for ``future`` or this process's exit, whichever comes first."""
+        waiting: set[asyncio.Future[Any]] = {future, self.exited}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return done
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (it leads its own), if it is alive."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from hotsup.worker.protocol import BACKLOG
 
-from .config import BundleSpec, SocketSpec
+from .config import MANIFEST, BundleSpec, SocketSpec
 
 log = logging.getLogger("hotsup")
 
@@ -53,13 +53,13 @@ class SocketRegistry:
             for sock_spec in spec.sockets:
                 key = self._key(spec.name, sock_spec)
                 bound = self._bound.get(key)
+                where = f"{spec.path / MANIFEST}: sockets.{sock_spec.name}.bind"
                 if bound is not None and bound.owner != spec.name:
                     raise SocketError(
-                        f"bundle {spec.name!r}: socket {sock_spec.name!r}: {sock_spec.bind} is "
-                        f"already used by bundle {bound.owner!r}"
+                        f"{where}: {sock_spec.bind} is already used by bundle {bound.owner!r}"
                     )
                 if bound is None:
-                    bound = self._bind(spec.name, key, sock_spec)
+                    bound = self._bind(spec.name, key, sock_spec, where)
                     self._bound[key] = bound
                     fresh.append(key)
                 result[sock_spec.name] = bound.sock
@@ -89,14 +89,11 @@ class SocketRegistry:
         return f"{spec.key}:{owner}:{spec.name}" if spec.port == 0 and spec.path is None \
             else spec.key
 
-    def _bind(self, owner: str, key: str, spec: SocketSpec) -> Bound:
+    def _bind(self, owner: str, key: str, spec: SocketSpec, where: str) -> Bound:
         try:
             sock = _bind_unix(spec) if spec.path is not None else _bind_tcp(spec)
         except OSError as exc:
-            raise SocketError(
-                f"bundle {owner!r}: socket {spec.name!r}: cannot bind {spec.bind}: "
-                f"{exc.strerror or exc}"
-            ) from None
+            raise SocketError(f"{where}: cannot bind {spec.bind}: {exc.strerror or exc}") from None
         if spec.path is not None:
             address = f"unix:{spec.path}"
         else:

@@ -52,7 +52,7 @@ class Zygote:
             # fork+exec of a fresh interpreter (never a bare fork of this
             # process, whose event loop and zmq context must not be copied).
             # Its own process group: Ctrl-C in a terminal reaches only us.
-            self._proc = subprocess.Popen(
+            self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, returns at once
                 [sys.executable, "-m", "hotsup.worker.zygote",
                  "--channel", str(theirs.fileno()), "--lifeline", str(self._lifeline),
                  *self._preload],

@@ -14,6 +14,7 @@ connection for every process holding it. Closing our copy loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator
@@ -141,7 +142,5 @@ class Listener:
             self._log.exception("connection handler for socket %r failed", self.name)
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass

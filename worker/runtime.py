@@ -189,7 +189,7 @@ class Worker:
     async def _serve(self) -> int:
         try:
             self.bundle = self._load()
-        except BaseException as exc:  # noqa: BLE001 - every load failure is reported
+        except BaseException as exc:
             text = "".join(traceback.format_exception(exc)).rstrip()
             self.log.error("cannot load %s: %s", self.spec["entry"], text)
             await self._send({"op": P.OP_FAILED, "error": _one_line(exc), "detail": text})

@@ -20,6 +20,7 @@ generation in a few milliseconds instead of the tens a fresh interpreter needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import selectors
@@ -31,7 +32,7 @@ from typing import Any
 
 # Imported here, once, so every worker forked from us has them already.
 import uvloop  # noqa: F401
-import zmq  # noqa: F401
+import zmq
 import zmq.asyncio  # noqa: F401
 
 from . import protocol as P
@@ -145,10 +146,9 @@ class Zygote:
         self._reply({"op": P.ZY_EXITED, "pid": pid, "status": os.waitstatus_to_exitcode(status)})
 
     def _reply(self, message: dict[str, Any]) -> None:
-        try:
+        # If the supervisor is gone, the lifeline ends us; nothing to report to.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.channel.send(P.pack_zygote(message))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the supervisor is gone; the lifeline will end us
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.preload:
         try:
             importlib.import_module(name)
-        except BaseException as exc:  # noqa: BLE001 - reported to the supervisor
+        except BaseException as exc:
             error = f"cannot preload {name!r}: {type(exc).__name__}: {exc}"
             channel.send(P.pack_zygote({"op": P.ZY_ERROR, "id": None, "error": error}))
             return 3
