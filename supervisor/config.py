@@ -10,8 +10,10 @@ loaded on its own (``load_bundle``) so one broken bundle never stops another.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from typing import Any
 MANIFEST = "bundle.toml"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_ENTRY = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _KINDS = ("service", "asgi")
 
@@ -136,12 +139,19 @@ def discover(bundles_dir: Path) -> list[str]:
 
 
 class _Problems:
-    def __init__(self, file: Path) -> None:
+    """Collects problem lines. ``origin(key)`` may redirect a key to the file
+    that really set it (a config.toml override of a manifest key)."""
+
+    def __init__(self, file: Path, origin: Callable[[str], tuple[Path, str]] | None = None) -> None:
         self.file = file
+        self.origin = origin
         self.lines: list[str] = []
 
     def add(self, key: str, message: str) -> None:
-        self.lines.append(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+        file = self.file
+        if key and self.origin is not None:
+            file, key = self.origin(key)
+        self.lines.append(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
 def _describe(value: Any) -> str:
@@ -240,18 +250,21 @@ def parse_bind(bind: str, base: Path) -> tuple[str, int, Path | None]:
         if not raw:
             raise ValueError('"unix:" needs a path, as in "unix:/run/app.sock"')
         path = Path(raw)
-        return "", 0, path if path.is_absolute() else (base / path)
+        return "", 0, Path(os.path.normpath(path if path.is_absolute() else base / path))
     host, sep, port_text = bind.rpartition(":")
     if not sep or not host:
         raise ValueError(f'"{bind}" is not "HOST:PORT" or "unix:PATH"')
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if ":" in host and not bracketed:
+        raise ValueError(f'"{bind}": write an IPv6 host in brackets, as in "[::1]:8080"')
     if host == "localhost":
         host = "127.0.0.1"
     try:
         ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f'"{bind}": host "{host}" is not an IP address') from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f'"{bind}": port "{port_text}" is not a number from 0 to 65535')
     return host, int(port_text), None
 
@@ -289,7 +302,8 @@ def load_config(path: Path) -> Config:
     sup = _table(data, "supervisor", problems)
     _unknown(sup, _SUPERVISOR_KEYS, "supervisor.", problems)
     bundles_dir_text = _string(sup, "bundles_dir", "bundles", "supervisor.", problems)
-    run_dir = base / _string(sup, "run_dir", ".hotsup", "supervisor.", problems)
+    implicit_bundles_dir = "bundles_dir" not in sup
+    run_dir = _normal(base / _string(sup, "run_dir", ".hotsup", "supervisor.", problems))
     preload = sup.get("preload", [])
     if not isinstance(preload, list) or not all(isinstance(p, str) for p in preload):
         problems.add("supervisor.preload", f"expected a list of module names, got "
@@ -312,9 +326,12 @@ def load_config(path: Path) -> Config:
     _unknown(defaults_table, _TIMING_KEYS, "defaults.", problems)
     defaults = _timing(defaults_table, Timing(), "defaults.", problems)
 
-    bundles_dir = (base / bundles_dir_text) if bundles_dir_text else None
+    bundles_dir = _normal(base / bundles_dir_text) if bundles_dir_text else None
     if bundles_dir is not None and not bundles_dir.is_dir():
-        problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
+        if implicit_bundles_dir:
+            bundles_dir = None  # the default, absent: only declared bundles
+        else:
+            problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
     declared = _declared(_table(data, "bundles", problems), base, bundles_dir, problems)
 
     if problems.lines:
@@ -341,7 +358,7 @@ def _declared(tables: dict[str, Any], base: Path, bundles_dir: Path | None,
         _unknown(table, _OVERRIDE_KEYS, prefix, problems)
         overrides = {k: v for k, v in table.items() if k != "path"}
         if "path" in table:
-            bundle_path = base / _string(table, "path", "", prefix, problems)
+            bundle_path = _normal(base / _string(table, "path", "", prefix, problems))
         elif bundles_dir is not None:
             bundle_path = bundles_dir / name
         else:
@@ -368,13 +385,35 @@ def _merge(manifest: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def _normal(path: Path) -> Path:
+    """``a/b/../c`` as ``a/c``: paths are compared by prefix (watch events, sockets)."""
+    return Path(os.path.normpath(path))
+
+
 def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
-    """Read, merge and validate one bundle's manifest; raises ConfigError."""
-    problems = _Problems(source.manifest)
+    """Read, merge and validate one bundle's manifest; raises ConfigError.
+
+    A problem in a value that config.toml's ``[bundles.NAME]`` overrides is
+    reported against config.toml and that key, not the manifest.
+    """
+    overrides = source.overrides
+
+    def origin(key: str) -> tuple[Path, str]:
+        top, _, rest = key.partition(".")
+        sub = rest.partition(".")[0]
+        value = overrides.get(top)
+        from_config = top in overrides and (
+            top not in ("settings", "sockets") or not isinstance(value, dict) or not sub
+            or sub in value)
+        if from_config:
+            return config.path, f"bundles.{source.name}.{key}"
+        return source.manifest, key
+
+    problems = _Problems(source.manifest, origin)
     data = _read_toml(source.manifest, problems)
     if data is None:
         raise ConfigError(problems.lines)
-    data = _merge(data, source.overrides)
+    data = _merge(data, overrides)
     _unknown(data, _MANIFEST_KEYS, "", problems)
 
     entry = _string(data, "entry", "", "", problems)
@@ -427,7 +466,7 @@ def _sockets(
             problems.add(f"{prefix}bind", str(exc))
             continue
         spec = SocketSpec(name=name, bind=bind, host=host, port=port, path=path)
-        if port != 0 and spec.key in seen:
+        if (port != 0 or path is not None) and spec.key in seen:
             problems.add(f"{prefix}bind", f"{bind} is also used by sockets.{seen[spec.key]}")
             continue
         seen[spec.key] = name

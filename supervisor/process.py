@@ -21,7 +21,7 @@ from hotsup.worker import protocol as P
 from .channel import WorkerChannel
 from .config import BundleSpec
 from .logs import LogSink, WorkerLog
-from .zygote import Zygote
+from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger("hotsup")
 
@@ -35,33 +35,45 @@ class WorkerError(Exception):
 
 
 class WorkerProcess:
-    def __init__(self, spec: BundleSpec, generation: int, channel: WorkerChannel,
-                 sink: LogSink) -> None:
+    def __init__(self, spec: BundleSpec, generation: int, zygote: Zygote,
+                 channel: WorkerChannel, sink: LogSink) -> None:
         self.spec = spec
         self.generation = generation
         self.tag = f"{spec.name}@{generation}"
         self.token = secrets.token_urlsafe(32)
         self.pid: int | None = None
-        self.exit_code: int | None = None
+        self._zygote = zygote
         self._channel = channel
         self._sink = sink
         loop = asyncio.get_running_loop()
         self.loaded: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
-        self._code_known = asyncio.Event()
         self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
         self._ids = itertools.count(1)
         self._pidfd = -1
         self._log: WorkerLog | None = None
         channel.register(self.token, self._on_message)
 
-    async def spawn(self, zygote: Zygote, sockets: dict[str, socket.socket], endpoint: str,
-                    log_level: str) -> None:
+    @classmethod
+    async def start(cls, spec: BundleSpec, generation: int, sockets: dict[str, socket.socket],
+                    *, zygote: Zygote, channel: WorkerChannel, sink: LogSink,
+                    log_level: str) -> WorkerProcess:
+        """Fork a worker for ``spec`` from the zygote; WorkerError if it cannot be."""
+        process = cls(spec, generation, zygote, channel, sink)
+        try:
+            await process._spawn(sockets, log_level)
+        except ZygoteError as exc:
+            await process.close()
+            raise WorkerError(f"cannot fork {process.tag}: {exc}") from None
+        return process
+
+    async def _spawn(self, sockets: dict[str, socket.socket], log_level: str) -> None:
         names = list(sockets)
         spec: P.SpawnSpec = {
             "bundle": self.spec.name, "generation": self.generation, "token": self.token,
-            "endpoint": endpoint, "path": str(self.spec.path), "entry": self.spec.entry,
-            "kind": self.spec.kind, "factory": self.spec.factory, "version": self.spec.version,
+            "endpoint": self._channel.endpoint, "path": str(self.spec.path),
+            "entry": self.spec.entry, "kind": self.spec.kind, "factory": self.spec.factory,
+            "version": self.spec.version,
             "settings": self.spec.settings, "socket_names": names, "log_level": log_level,
             "multiprocessing_logging": self.spec.multiprocessing_logging,
         }
@@ -69,7 +81,7 @@ class WorkerProcess:
         try:
             self._log = WorkerLog(read_fd, self.spec.name, self.generation, self._sink)
             fds = [write_fd, *(sockets[name].fileno() for name in names)]
-            self.pid = await zygote.spawn(spec, fds)
+            self.pid = await self._zygote.spawn(spec, fds)
         finally:
             os.close(write_fd)  # the worker has its copy; EOF comes when it exits
         try:
@@ -132,16 +144,14 @@ class WorkerProcess:
             return False
         return True
 
-    def exit_status(self, code: int) -> None:
-        """The zygote reaped us: ``code`` as os.waitstatus_to_exitcode gives it."""
-        self.exit_code = code
-        self._code_known.set()
-
     async def describe_exit(self) -> str:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._code_known.wait(), 0.5)
-        code = self.exit_code
-        if code is None:
+        """How the process ended, for a person: "exited with code 4", "was killed by SIGKILL"."""
+        if self.pid is None:
+            return "exited"
+        try:
+            # The zygote reaps and reports right after the pidfd fired.
+            code = await asyncio.wait_for(asyncio.shield(self._zygote.exit_code(self.pid)), 1.0)
+        except TimeoutError:
             return "exited"
         if code < 0:
             try:
@@ -154,6 +164,8 @@ class WorkerProcess:
     async def close(self) -> None:
         """Forget the process (after it exited): channel, pidfd, log pipe."""
         self._channel.unregister(self.token)
+        if self.pid is not None and self.exited.done():
+            self._zygote.forget(self.pid)
         if self._pidfd >= 0:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._pidfd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import zmq.asyncio
 from .channel import WorkerChannel
 from .config import BundleSource, Config
 from .logs import LogSink, SinkHandler
+from .process import WorkerProcess
 from .sockets import SocketRegistry
 from .swap import BundleRunner, Services
 from .watcher import Watcher, adigest
@@ -99,14 +101,15 @@ class Supervisor:
             stack.push_async_callback(channel.close)
             sockets = SocketRegistry()
             stack.callback(sockets.close_all)
-            zygote = Zygote(config.preload, life_r, self._worker_exited)
+            zygote = Zygote(config.preload, life_r)
             try:
                 await zygote.start()
             except ZygoteError as exc:
                 raise StartupError(f"{config.path}: supervisor.preload: {exc}") from None
             stack.push_async_callback(zygote.stop)
-            self._services = Services(config, zygote, channel, sockets, self.sink,
-                                      lambda source: adigest(source.path))
+            spawn = functools.partial(WorkerProcess.start, zygote=zygote, channel=channel,
+                                      sink=self.sink, log_level=config.log_level)
+            self._services = Services(config, sockets, spawn, lambda source: adigest(source.path))
             stack.push_async_callback(self._close_all)
             for source in config.sources().values():
                 self._add(source)
@@ -193,11 +196,6 @@ class Supervisor:
                            asyncio.get_running_loop().time()}
         if not self._stopping:
             self.commands.put_nowait(command)
-
-    def _worker_exited(self, pid: int, code: int) -> None:
-        for runner in self.runners.values():
-            if runner.worker_exited(pid, code):
-                return
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()

@@ -26,19 +26,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hotsup.worker import protocol as P
 
-from .channel import WorkerChannel
 from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
-from .logs import LogSink
-from .process import WorkerError, WorkerProcess
+from .process import WorkerError
 from .sockets import SocketError, SocketRegistry
-from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger("hotsup")
 
@@ -89,12 +87,35 @@ class SwapAborted(Exception):
     """The swap could not complete; the old generation (if any) keeps serving."""
 
 
+class Worker(Protocol):
+    """What the state machine needs of a worker process (``process.WorkerProcess``).
+
+    Every coroutine raises ``WorkerError`` on an error reply, a timeout, or the
+    process's exit; ``exited`` resolves when the process is gone.
+    """
+
+    pid: int | None
+    exited: asyncio.Future[None]
+
+    async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
+    async def call(self, op: str, timeout: float, payload: bytes | None = None,
+                   **fields: Any) -> tuple[dict[str, Any], bytes | None]: ...
+    def kill(self) -> None: ...
+    async def wait_exit(self, timeout: float) -> bool: ...
+    async def describe_exit(self) -> str: ...
+    async def close(self) -> None: ...
+
+
+#: Forks generation ``number`` of a bundle with these sockets; WorkerError if it cannot.
+Spawner = Callable[[BundleSpec, int, dict[str, socket.socket]], Awaitable[Worker]]
+
+
 @dataclass
 class Generation:
     number: int
     spec: BundleSpec
     digest: str
-    process: WorkerProcess
+    process: Worker
     state: GenState = GenState.SPAWNING
     hooks: dict[str, bool] = field(default_factory=dict)
     spawned_at: float = field(default_factory=time.monotonic)
@@ -112,10 +133,8 @@ class Services:
     """What a runner needs from the supervisor; one instance shared by all bundles."""
 
     config: Config
-    zygote: Zygote
-    channel: WorkerChannel
     sockets: SocketRegistry
-    sink: LogSink
+    spawn: Spawner
     digest: Callable[[BundleSource], Awaitable[str | None]]
 
 
@@ -158,14 +177,6 @@ class BundleRunner:
         """
         self._force = self._force or force
         self._wake.set()
-
-    def worker_exited(self, pid: int, code: int) -> bool:
-        """The zygote reaped ``pid``; True if it was one of ours."""
-        for gen in self._gens.values():
-            if gen.process.pid == pid:
-                gen.process.exit_status(code)
-                return True
-        return False
 
     # -- the loop ---------------------------------------------------------------
 
@@ -327,17 +338,14 @@ class BundleRunner:
         except SocketError as exc:
             raise SwapAborted(str(exc)) from None
         self._number += 1
-        process = WorkerProcess(spec, self._number, self.svc.channel, self.svc.sink)
+        try:
+            process = await self.svc.spawn(spec, self._number, sockets)
+        except WorkerError as exc:
+            self._release_sockets()
+            raise SwapAborted(str(exc)) from None
         gen = Generation(self._number, spec, digest, process)
         self._gens[gen.number] = gen
         process.exited.add_done_callback(lambda _: self._on_exit(gen))
-        try:
-            await process.spawn(self.svc.zygote, sockets, self.svc.channel.endpoint,
-                                self.svc.config.log_level)
-        except ZygoteError as exc:
-            await self._forget(gen)
-            self._release_sockets()
-            raise SwapAborted(f"cannot fork {gen.tag}: {exc}") from None
         log.debug("%s: spawned pid %d", gen.tag, process.pid)
         return gen
 

@@ -9,15 +9,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from hotsup.worker import protocol as P
 
 log = logging.getLogger("hotsup")
-
-ExitCallback = Callable[[int, int], None]
-
 
 class ZygoteError(Exception):
     pass
@@ -27,14 +23,15 @@ class Zygote:
     """Starts the zygote, asks it for workers, hears of their exits.
 
     ``spawn()`` sends the spec and the fds in one packet and returns the pid.
-    ``on_exit(pid, code)`` is called for every worker the zygote reaped (code
-    as ``os.waitstatus_to_exitcode``: negative for a signal).
+    ``exit_code(pid)`` resolves to the code the zygote reaped that worker with
+    (as ``os.waitstatus_to_exitcode``: negative for a signal), even if the
+    report came before anyone asked.
     """
 
-    def __init__(self, preload: tuple[str, ...], lifeline: int, on_exit: ExitCallback) -> None:
+    def __init__(self, preload: tuple[str, ...], lifeline: int) -> None:
         self._preload = preload
         self._lifeline = lifeline
-        self._on_exit = on_exit
+        self._codes: dict[int, asyncio.Future[int]] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._pending: dict[int, asyncio.Future[int]] = {}
@@ -90,6 +87,16 @@ class Zygote:
         finally:
             self._pending.pop(request_id, None)
 
+    def exit_code(self, pid: int) -> asyncio.Future[int]:
+        future = self._codes.get(pid)
+        if future is None:
+            future = self._codes[pid] = asyncio.get_running_loop().create_future()
+        return future
+
+    def forget(self, pid: int) -> None:
+        """The supervisor is done with ``pid``: drop its exit code."""
+        self._codes.pop(pid, None)
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Close the channel (the zygote exits on EOF), wait, kill if it will not go."""
         if self._sock is not None:
@@ -132,7 +139,9 @@ class Zygote:
             if future is not None and not future.done():
                 future.set_result(int(message["pid"]))
         elif op == P.ZY_EXITED:
-            self._on_exit(int(message["pid"]), int(message["status"]))
+            code = self.exit_code(int(message["pid"]))
+            if not code.done():
+                code.set_result(int(message["status"]))
         elif op == P.ZY_ERROR:
             error = ZygoteError(str(message.get("error")))
             future = self._pending.get(message.get("id") or -1)
