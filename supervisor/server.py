@@ -90,6 +90,9 @@ class Supervisor:
         """Run until shut down; 0 after a clean drain."""
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
+            # First in, last out: a second SIGTERM or Ctrl-C during the drain
+            # is queued (and ignored) instead of killing us mid-drain.
+            self._install_signals(stack)
             _prepare_run_dir(config.run_dir, stack)
             life_r, life_w = lifeline()
             stack.callback(os.close, life_w)  # closed last but one: workers see EOF
@@ -117,7 +120,6 @@ class Supervisor:
                               self._files_changed)
             watch_task = asyncio.ensure_future(watcher.run())
             stack.push_async_callback(_stop_watcher, watcher, watch_task)
-            self._install_signals(stack)
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while not self._stopping:

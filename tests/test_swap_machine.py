@@ -1,0 +1,307 @@
+"""The swap state machine (supervisor/swap.py) driven with fake workers.
+
+No process, no socket, no real waiting: each fake generation follows a script,
+and the tests read the order of requests each generation received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotsup.supervisor import swap
+from hotsup.supervisor.config import BundleSource, BundleSpec, load_config
+from hotsup.supervisor.process import WorkerError
+from hotsup.supervisor.sockets import SocketRegistry
+from hotsup.supervisor.swap import BundleRunner, BundleState, GenState, IllegalMove, Services
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@dataclass
+class Script:
+    """How one fake generation behaves."""
+
+    hooks: bool = True
+    load_error: str | None = None
+    fail: dict[str, str] = field(default_factory=dict)  # op -> error message
+    hang: set[str] = field(default_factory=set)  # ops that never answer
+
+
+class FakeWorker:
+    def __init__(self, number: int, script: Script) -> None:
+        self.number = number
+        self.script = script
+        self.pid: int | None = 10_000 + number
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls: list[str] = []
+        self.restored: bytes | None = None
+        self.killed = False
+
+    async def wait_loaded(self, timeout: float) -> dict[str, Any]:
+        if self.script.load_error:
+            raise WorkerError(self.script.load_error)
+        hooks = self.script.hooks
+        return {"hooks": {"snapshot": hooks, "restore": hooks, "stop": False}}
+
+    async def call(self, op: str, timeout: float, payload: bytes | None = None,
+                   **fields: Any) -> tuple[dict[str, Any], bytes | None]:
+        self.calls.append(op)
+        if op in self.script.hang:  # as the real call does: no answer within the deadline
+            await asyncio.sleep(timeout)
+            raise WorkerError(f"{op}: no answer within {timeout:g}s")
+        if op in self.script.fail:
+            raise WorkerError(f"{op}: {self.script.fail[op]}")
+        if op == "start":
+            self.restored = payload
+        if op == "retire":
+            self.crash()
+        data = f"state of {self.number}".encode() if op == "pause" else None
+        return {"ok": True}, data
+
+    def crash(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.crash()
+
+    async def wait_exit(self, timeout: float) -> bool:
+        return self.exited.done()
+
+    async def describe_exit(self) -> str:
+        return "was killed by SIGKILL" if self.killed else "exited with code 1"
+
+    async def close(self) -> None:
+        pass
+
+
+class World:
+    """A runner over a real (tiny) config, with fake workers and a fake digest."""
+
+    def __init__(self, tmp_path: Path, defaults: str = "") -> None:
+        bundle = tmp_path / "bundles" / "b"
+        bundle.mkdir(parents=True)
+        (bundle / "bundle.toml").write_text('entry = "app:App"\n')
+        (bundle / "app.py").write_text("class App: pass\n")
+        if "start_timeout" not in defaults:
+            defaults += "start_timeout = 0.2\n"
+        (tmp_path / "config.toml").write_text(f"[defaults]\n{defaults}")
+        self.config = load_config(tmp_path / "config.toml")
+        self.content = "v1"
+        self.scripts: dict[int, Script] = {}
+        self.workers: dict[int, FakeWorker] = {}
+        self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
+        services = Services(self.config, SocketRegistry(), self._spawn, self._digest)
+        self.runner = BundleRunner(BundleSource("b", bundle), services)
+
+    async def _spawn(self, spec: BundleSpec, number: int,
+                     sockets: dict[str, socket.socket]) -> FakeWorker:
+        if self.gate is not None:
+            await self.gate.wait()
+        worker = FakeWorker(number, self.scripts.get(number, Script()))
+        self.workers[number] = worker
+        return worker
+
+    async def _digest(self, source: BundleSource) -> str | None:
+        return self.content
+
+    def change(self, content: str, script: Script | None = None) -> None:
+        """The files now hold ``content``; the next generation follows ``script``."""
+        self.content = content
+        if script is not None:
+            self.scripts[len(self.workers) + 1] = script
+        self.runner.request()
+
+
+async def until(condition: Callable[[], object], what: str = "") -> None:
+    """Let the runner's task run until ``condition`` holds (a deadline, not a sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while not condition():
+        assert loop.time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.001)
+
+
+def run(test: Callable[[World], Coroutine[Any, Any, None]], tmp_path: Path,
+        defaults: str = "") -> None:
+    async def main() -> None:
+        world = World(tmp_path, defaults)
+        world.runner.start()
+        try:
+            await test(world)
+        finally:
+            await world.runner.close()
+
+    asyncio.run(main())
+
+
+def serving(world: World, number: int) -> Callable[[], bool]:
+    runner = world.runner
+    return lambda: (runner.current is not None and runner.current.number == number
+                    and runner.state is BundleState.RUNNING)
+
+
+def test_first_start_then_hand_over(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1), "generation 1 serving")
+        first = world.workers[1]
+        assert first.calls == ["start"] and first.restored is None
+        world.change("v2")
+        await until(serving(world, 2), "generation 2 serving")
+        await until(lambda: first.exited.done(), "generation 1 retired")
+        assert first.calls == ["start", "pause", "retire"]
+        assert world.workers[2].restored == b"state of 1"
+        assert world.runner.last_pause_ms is not None and world.runner.last_error is None
+    run(test, tmp_path)
+
+
+def test_overlap_mode_never_pauses(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(hooks=False)
+        await until(serving(world, 1))
+        world.change("v2", Script(hooks=False))
+        await until(serving(world, 2))
+        await until(lambda: world.workers[1].exited.done())
+        assert world.workers[1].calls == ["start", "retire"]
+        assert world.workers[2].restored is None
+        assert world.runner.last_pause_ms == 0.0
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize(("script", "old_calls"), [
+    (Script(load_error="SyntaxError: invalid syntax"), ["start"]),
+    (Script(fail={"start": "RuntimeError: boom"}), ["start", "pause", "resume"]),
+    (Script(hang={"start"}), ["start", "pause", "resume"]),
+])
+def test_a_failed_successor_is_killed_and_the_old_one_resumes(
+    tmp_path: Path, script: Script, old_calls: list[str]
+) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2", script)
+        await until(lambda: world.runner.last_error is not None, "the failure reported")
+        assert world.workers[2].killed
+        assert world.workers[1].calls == old_calls
+        assert world.runner.current is not None and world.runner.current.number == 1
+        assert world.runner.current.state is GenState.READY
+        assert world.runner.state is BundleState.RUNNING
+        assert "rolled back, b@1 keeps serving" in (world.runner.last_error or "")
+    run(test, tmp_path)
+
+
+def test_a_failing_snapshot_aborts_the_swap(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"pause": "TypeError: cannot pickle"})
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(lambda: world.runner.last_error is not None)
+        assert world.workers[2].killed and world.workers[2].calls == []
+        assert world.workers[1].calls == ["start", "pause", "resume"]
+        assert "cannot pickle" in (world.runner.last_error or "")
+    run(test, tmp_path)
+
+
+def test_failed_content_is_not_retried_until_it_changes(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("broken", Script(load_error="ImportError"))
+        await until(lambda: world.runner.last_error is not None)
+        world.runner.request()  # same content: nothing happens
+        world.scripts[3] = Script(load_error="ImportError")
+        world.runner.request(force=True)  # but a forced reload tries again
+        await until(lambda: 3 in world.workers and world.workers[3].killed, "a forced retry")
+        world.change("fixed")
+        await until(serving(world, 4), "the fixed content swapped in")
+        assert world.workers[4].restored == b"state of 1"
+    run(test, tmp_path)
+
+
+def test_requests_during_a_swap_coalesce_into_one_more(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.gate = asyncio.Event()
+        world.change("v2")
+        await until(lambda: world.runner.state is BundleState.SWAPPING)
+        for n in range(3, 8):
+            world.change(f"v{n}")
+        world.gate.set()
+        await until(serving(world, 3), "one more swap, to the last content")
+        assert sorted(world.workers) == [1, 2, 3]
+        assert world.workers[3].restored == b"state of 2"
+    run(test, tmp_path)
+
+
+def test_a_crash_restarts_from_the_last_snapshot(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        world.workers[2].crash()
+        await until(serving(world, 3), "a restart")
+        assert world.workers[3].restored == b"state of 1"
+        assert world.runner.restarts == 1
+    run(test, tmp_path)
+
+
+def test_restart_intensity_marks_the_bundle_failed(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.workers[1].crash()
+        await until(serving(world, 2))
+        world.workers[2].crash()
+        await until(lambda: world.runner.state is BundleState.FAILED, "giving up")
+        assert "2 crashes within 60s" in (world.runner.last_error or "")
+        assert world.runner.current is None and 3 not in world.workers
+        world.change("v2")  # new content: try again
+        await until(serving(world, 3))
+    run(test, tmp_path, "max_restarts = 1\n")
+
+
+def test_close_during_a_swap_cleans_up_every_generation(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2", Script(hang={"start"}))
+        await until(lambda: "start" in world.workers.get(2, FakeWorker(0, Script())).calls)
+        await world.runner.close()
+        assert world.workers[2].killed
+        assert world.workers[1].calls[-1] == "retire"
+        assert world.runner.state is BundleState.STOPPED
+    run(test, tmp_path, "start_timeout = 5.0\n")
+
+
+def test_illegal_moves_are_refused(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        current = world.runner.current
+        assert current is not None
+        with pytest.raises(IllegalMove, match="ready -> loaded"):
+            world.runner._move(current, GenState.LOADED)
+    run(test, tmp_path)
+
+
+def test_every_state_can_reach_an_end() -> None:
+    ends = {GenState.EXITED, GenState.FAILED}
+    for state in GenState:
+        seen, frontier = {state}, [state]
+        while frontier:
+            for nxt in swap.MOVES[frontier.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    frontier.append(nxt)
+        assert seen & ends, f"{state} can never end"
+    assert all(not swap.MOVES[end] for end in ends)
+
+
