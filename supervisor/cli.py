@@ -6,12 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, check, load_config
+from .config import ConfigError, check, load_config, preload_conflicts
 
 
 def _start(args: argparse.Namespace) -> int:
     try:
         config = load_config(Path(args.config))
+        conflicts = preload_conflicts(config, list(config.sources().values()))
+        if conflicts:
+            raise ConfigError(conflicts)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"hotsup: {line}", file=sys.stderr)

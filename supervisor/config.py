@@ -435,6 +435,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     settings = _table(data, "settings", problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
     timing = _timing(data, config.defaults, "", problems)
+    problems.lines.extend(preload_conflicts(config, [source]))
 
     if problems.lines:
         raise ConfigError(problems.lines)
@@ -482,6 +483,17 @@ def _module_exists(bundle_dir: Path, module: str) -> bool:
     )
 
 
+def preload_conflicts(config: Config, sources: list[BundleSource]) -> list[str]:
+    """A preloaded module that lives in a bundle would never be reloaded: refuse it."""
+    return [
+        f"{config.path}: supervisor.preload: {module!r} lives in bundle {source.name!r} "
+        f"({source.path}); bundle code cannot be preloaded"
+        for source in sources
+        for module in config.preload
+        if _module_exists(source.path, module.split(".")[0])
+    ]
+
+
 def check(config_path: Path) -> list[str]:
     """Every problem in config.toml and its bundles, without starting anything."""
     try:
@@ -503,9 +515,4 @@ def check(config_path: Path) -> list[str]:
             if other != name:
                 problems.append(f"{source.manifest}: sockets.{sock.name}.bind: {sock.bind} is "
                                 f"already used by bundle {other!r}")
-        for module in config.preload:
-            root = module.split(".")[0]
-            if _module_exists(source.path, root):
-                problems.append(f"{config.path}: supervisor.preload: {module!r} lives in bundle "
-                                f"{name!r} ({source.path}); bundle code cannot be preloaded")
     return problems

@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,8 +52,10 @@ def digest(path: Path) -> str | None:
             if ignored(name):
                 continue
             full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode() + b"\0")
             try:
+                if not stat.S_ISREG(os.stat(full).st_mode):
+                    continue  # a unix socket or fifo a bundle made is not its code
+                h.update(os.path.relpath(full, path).encode() + b"\0")
                 with open(full, "rb") as handle:
                     for chunk in iter(lambda h=handle: h.read(1 << 16), b""):  # type: ignore[misc]
                         h.update(chunk)

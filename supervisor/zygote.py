@@ -37,6 +37,8 @@ class Zygote:
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._ids = itertools.count(1)
         self._ready: asyncio.Future[None] | None = None
+        self._restarting = asyncio.Lock()
+        self._stopped = False
 
     @property
     def pid(self) -> int | None:
@@ -66,13 +68,13 @@ class Zygote:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except BaseException:
-            await self.stop(timeout=2.0)
+            await self._close(timeout=2.0)
             raise
         log.debug("zygote %d ready", self._proc.pid)
 
     async def spawn(self, spec: P.SpawnSpec, fds: list[int], timeout: float = 10.0) -> int:
-        if self._sock is None:
-            raise ZygoteError("the zygote is not running")
+        await self._ensure_running()
+        assert self._sock is not None
         request_id = next(self._ids)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -87,6 +89,24 @@ class Zygote:
         finally:
             self._pending.pop(request_id, None)
 
+    async def _ensure_running(self) -> None:
+        """Start a new zygote if the last one died (its workers live on without it)."""
+        async with self._restarting:
+            if self._sock is not None:
+                return
+            if self._stopped:
+                raise ZygoteError("the zygote was stopped")
+            old, self._proc = self._proc, None
+            if old is not None:
+                try:
+                    await asyncio.to_thread(old.wait, 5.0)
+                except subprocess.TimeoutExpired:
+                    old.kill()
+                    await asyncio.to_thread(old.wait)
+                log.warning("zygote %d exited with code %s; starting a new one", old.pid,
+                            old.returncode)
+            await self.start()
+
     def exit_code(self, pid: int) -> asyncio.Future[int]:
         future = self._codes.get(pid)
         if future is None:
@@ -99,6 +119,10 @@ class Zygote:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Close the channel (the zygote exits on EOF), wait, kill if it will not go."""
+        self._stopped = True
+        await self._close(timeout)
+
+    async def _close(self, timeout: float) -> None:
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
@@ -164,7 +188,7 @@ class Zygote:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
         else:
-            log.error("the zygote exited; new generations cannot start until it is restarted")
+            log.error("the zygote exited; a new one starts with the next generation")
 
 
 def lifeline() -> tuple[int, int]:

@@ -156,12 +156,12 @@ class Hotsup:
         self.log_path = root / "hotsup.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Hotsup:
+    def start(self, env: dict[str, str] | None = None) -> Hotsup:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hotsup.supervisor.cli", "start", str(self.config)],
                 cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, env=env,
             )
         return self
 

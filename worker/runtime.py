@@ -36,6 +36,7 @@ from .context import BundleContext
 def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int) -> int:
     """Run the worker to its end and return its exit code."""
     path = Path(spec["path"])
+    sys.argv = [f"hotsup:{spec['bundle']}@{spec['generation']}"]  # not the zygote's arguments
     _import_bundle_from_source(path)
     log = _setup_logging(spec)
     loop = uvloop.new_event_loop()

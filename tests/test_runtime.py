@@ -1,0 +1,192 @@
+"""Workers and the zygote: logs, sockets, stop(), crashes, preloading."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness import (
+    Hotsup,
+    Load,
+    counter_source,
+    free_port,
+    port_open,
+    request,
+    wait_for,
+    write_bundle,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+MakeHotsup = Callable[..., Hotsup]
+
+
+def pid_of(sup: Hotsup, tag: str) -> int:
+    return int(sup.wait_log(rf"{re.escape(tag)}: serving \(pid (\d+)\)"))
+
+
+def test_logs_prints_and_tracebacks_are_tagged(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "talker", counter_source("v0", start=(
+        "print('printed line'); self.ctx.log.warning('logged %s', 42); "
+        "import logging; logging.getLogger('mine').error('from a module logger'); "
+        "self.ctx.log.info('generation %d', self.ctx.generation)"),
+        tail="\nprint('at import')\n"), port, module="talker")
+    sup.start()
+    sup.wait_log(r"talker@1: serving")
+    sup.wait_log(r"OUTPUT\s+talker@1: printed line")
+    sup.wait_log(r"OUTPUT\s+talker@1: at import")
+    sup.wait_log(r"WARNING\s+talker@1: logged 42")
+    sup.wait_log(r"ERROR\s+talker@1: from a module logger")
+    sup.wait_log(r"INFO\s+talker@1: generation 1")
+    # a traceback of a failing successor arrives whole, every line tagged
+    (sup.bundles / "talker" / "talker.py").write_text(
+        counter_source("v1", init="raise KeyError('missing-key')"))
+    sup.wait_log(r"talker@2: .*KeyError: 'missing-key'")
+    lines = [line for line in sup.log().splitlines() if "talker@2" in line]
+    assert any("Traceback (most recent call last)" in line for line in lines)
+    assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} \w+\s+(hotsup|talker@2): ", line)
+               for line in lines), lines
+    assert sup.stop() == 0
+
+
+def test_stop_is_called_at_retirement(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    marker = sup.root / "stopped"
+    stop_hook = f"\n    async def stop(self):\n        open({str(marker)!r}, 'a').write(" \
+                "f'{self.ctx.generation}\\n')\n"
+    source = counter_source("v0").replace("\n    async def start(self):",
+                                          stop_hook + "\n    async def start(self):")
+    write_bundle(sup.bundles / "counter", source, port)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    (sup.bundles / "counter" / "counter.py").write_text(source.replace("'v0'", "'v1'"))
+    sup.wait_log(r"counter@1: retired")
+    assert marker.read_text() == "1\n"
+    assert sup.stop() == 0
+    assert marker.read_text() == "1\n2\n"
+
+
+def test_unix_socket_bundle(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    bundle = sup.bundles / "local"
+    bundle.mkdir()
+    (bundle / "local.py").write_text(counter_source("v0"))
+    path = sup.root / "local.sock"
+    (bundle / "bundle.toml").write_text(
+        f'entry = "local:Counter"\n[sockets.main]\nbind = "unix:{path}"\n')
+    sup.start()
+    sup.wait_log(r"local@1: serving")
+
+    def ask() -> str:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"incr\n")
+            return sock.recv(100).decode().strip()
+
+    assert ask().startswith("count=1 generation=1")
+    (bundle / "local.py").write_text(counter_source("v1"))
+    sup.wait_log(r"local@2: swapped")
+    assert ask() == "count=2 generation=2 tag=v1"
+    assert sup.stop() == 0
+    assert not path.exists()
+
+
+def test_changing_the_bind_address_moves_the_bundle(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    old, new = free_port(), free_port()
+    bundle = write_bundle(sup.bundles / "counter", counter_source("v0"), old)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    assert request(old).startswith("count=1")
+    manifest = bundle / "bundle.toml"
+    manifest.write_text(manifest.read_text().replace(str(old), str(new)))
+    sup.wait_log(r"counter@2: swapped")
+    assert request(new).startswith("count=2 generation=2")
+    wait_for(lambda: not port_open(old), 10.0, "the old port to close")
+    assert sup.stop() == 0
+
+
+def test_a_killed_worker_is_restarted(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    sup.start()
+    with Load(port, clients=2) as load:
+        load.wait_reply(lambda r: True)
+        os.kill(pid_of(sup, "counter@1"), signal.SIGKILL)
+        sup.wait_log(r"counter@1 was killed by SIGKILL while serving; restarting")
+        load.wait_reply(lambda r: r.generation == 2)
+    assert sup.stop() == 0
+
+
+def test_a_killed_zygote_is_replaced_and_workers_live_on(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    sup.start()
+    zygote = int(sup.wait_log(r"zygote (\d+) ready"))
+    sup.wait_log(r"counter@1: serving")
+    os.kill(zygote, signal.SIGKILL)
+    sup.wait_log(r"the zygote exited")
+    assert request(port).startswith("count=1 generation=1")  # the worker did not care
+    (sup.bundles / "counter" / "counter.py").write_text(counter_source("v1"))
+    sup.wait_log(r"counter@2: swapped")
+    assert request(port) == "count=2 generation=2 tag=v1"
+    assert sup.stop() == 0
+
+
+def test_preloaded_modules_are_imported_once_in_the_zygote(hotsup: MakeHotsup,
+                                                           tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "heavy.py").write_text("import os\nLOADED_IN = os.getpid()\n")
+    sup = hotsup('preload = ["heavy"]\n')
+    # preload is a [supervisor] key: the fixture's config ends inside [supervisor]
+    port = free_port()
+    source = counter_source("v0").replace(
+        "gen = self.ctx.generation", "import heavy, os; gen = (heavy.LOADED_IN, os.getppid())")
+    write_bundle(sup.bundles / "counter", source, port)
+    sup.start(env=dict(os.environ, PYTHONPATH=str(lib)))
+    zygote = int(sup.wait_log(r"zygote (\d+) ready"))
+    sup.wait_log(r"counter@1: serving")
+    assert f"generation=({zygote}, {zygote})" in request(port)
+    assert sup.stop() == 0
+
+
+def test_a_preloaded_module_inside_a_bundle_is_a_config_error(hotsup: MakeHotsup) -> None:
+    sup = hotsup('preload = ["counter"]\n')
+    write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+    sup.start()
+    assert sup.proc is not None and sup.proc.wait(30) == 2
+    assert "config.toml: supervisor.preload: 'counter' lives in bundle 'counter'" in sup.log()
+
+
+def test_a_drop_in_holding_a_preloaded_module_is_refused(hotsup: MakeHotsup,
+                                                         tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "heavy.py").write_text("X = 1\n")
+    sup = hotsup('preload = ["heavy"]\n')
+    good = free_port()
+    write_bundle(sup.bundles / "good", counter_source("g"), good, module="good")
+    sup.start(env=dict(os.environ, PYTHONPATH=str(lib)))
+    sup.wait_log(r"good@1: serving")
+    staged = write_bundle(sup.root / "staging" / "sneaky", counter_source("s"), free_port(),
+                          module="heavy")
+    (sup.bundles / "sneaky").mkdir()
+    for name in ("heavy.py", "bundle.toml"):  # code first, then the manifest that makes it a bundle
+        (sup.bundles / "sneaky" / name).write_bytes((staged / name).read_bytes())
+    line = sup.wait_log(r"sneaky: cannot load the bundle: .*")
+    assert "supervisor.preload: 'heavy' lives in bundle 'sneaky'" in line, line
+    assert request(good).endswith("tag=g")
+    assert sup.stop() == 0
+
