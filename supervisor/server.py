@@ -38,6 +38,9 @@ from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
 
+#: Seconds after a batch of changes when the same places are looked at again.
+RECHECK_AFTER = 1.0
+
 
 # -- commands -----------------------------------------------------------------------
 
@@ -54,16 +57,11 @@ class FilesChanged:
 
 
 @dataclass(frozen=True)
-class Rescan:
-    """Look at bundles_dir again: start new drop-ins, retire removed ones."""
-
-
-@dataclass(frozen=True)
 class Shutdown:
     reason: str
 
 
-Command = Reload | FilesChanged | Rescan | Shutdown
+Command = Reload | FilesChanged | Shutdown
 
 
 class StartupError(Exception):
@@ -78,11 +76,12 @@ class Supervisor:
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self._services: Services | None = None
         self._stopping = False
-        self._followups: set[asyncio.TimerHandle] = set()
+        self._recheck: set[Path] = set()
+        self._recheck_timer: asyncio.TimerHandle | None = None
+        self._removing: set[asyncio.Task[None]] = set()
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
-            Rescan: self._on_rescan,
             Shutdown: self._on_shutdown,
         }
 
@@ -114,12 +113,15 @@ class Supervisor:
                                       sink=self.sink, log_level=config.log_level)
             self._services = Services(config, sockets, spawn, lambda source: adigest(source.path))
             stack.push_async_callback(self._close_all)
-            for source in config.sources().values():
-                self._add(source)
             watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
                               self._files_changed)
             watch_task = asyncio.ensure_future(watcher.run())
             stack.push_async_callback(_stop_watcher, watcher, watch_task)
+            # One step of the watcher task sets up its inotify watches (before
+            # its first await), so no edit made once a bundle serves is missed.
+            await asyncio.sleep(0)
+            for source in config.sources().values():
+                self._add(source)
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while not self._stopping:
@@ -145,10 +147,10 @@ class Supervisor:
             if any(p == root or root in p.parents for p in command.paths):
                 runner.request()
         if bundles_dir is not None and any(bundles_dir in p.parents for p in command.paths):
-            await self._on_rescan(Rescan())
+            self._rescan()
 
-    async def _on_rescan(self, command: Rescan) -> None:
-        assert self._services is not None
+    def _rescan(self) -> None:
+        """Look at bundles_dir again: start new drop-ins, retire removed ones."""
         present = self.config.sources()
         for name, source in present.items():
             if name not in self.runners:
@@ -156,7 +158,10 @@ class Supervisor:
                 self._add(source)
         for name in [n for n in self.runners if n not in present]:
             log.info("%s: bundle directory removed; retiring it", name)
-            await self.runners.pop(name).close()
+            # Draining may take drain_timeout: not in the command loop.
+            task = asyncio.ensure_future(self.runners.pop(name).close())
+            self._removing.add(task)
+            task.add_done_callback(self._removing.discard)
 
     async def _on_shutdown(self, command: Shutdown) -> None:
         log.info("shutting down (%s): draining every bundle", command.reason)
@@ -171,10 +176,10 @@ class Supervisor:
         runner.start()
 
     async def _close_all(self) -> None:
-        for handle in self._followups:
-            handle.cancel()
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
         runners, self.runners = list(self.runners.values()), {}
-        await asyncio.gather(*(runner.close() for runner in runners))
+        await asyncio.gather(*(runner.close() for runner in runners), *self._removing)
 
     def _watch_roots(self) -> list[Path]:
         roots = [self.config.bundles_dir] if self.config.bundles_dir is not None else []
@@ -184,20 +189,19 @@ class Supervisor:
         return [r for r in roots if r is not None]
 
     def _files_changed(self, paths: set[Path]) -> None:
-        command = FilesChanged(frozenset(paths))
-        self.commands.put_nowait(command)
+        self.commands.put_nowait(FilesChanged(frozenset(paths)))
         # Files created in a brand-new subdirectory can be missed by inotify:
-        # look once more a little later. A pass whose content did not change
-        # costs a hash and swaps nothing.
-        loop = asyncio.get_running_loop()
-        handle = loop.call_later(1.0, self._followup, command)
-        self._followups.add(handle)
+        # look at the same places once more a second later. A pass whose
+        # content did not change costs a hash and swaps nothing.
+        self._recheck |= paths
+        if self._recheck_timer is None:
+            self._recheck_timer = asyncio.get_running_loop().call_later(
+                RECHECK_AFTER, self._recheck_now)
 
-    def _followup(self, command: FilesChanged) -> None:
-        self._followups = {h for h in self._followups if not h.cancelled() and h.when() >
-                           asyncio.get_running_loop().time()}
+    def _recheck_now(self) -> None:
+        paths, self._recheck, self._recheck_timer = self._recheck, set(), None
         if not self._stopping:
-            self.commands.put_nowait(command)
+            self.commands.put_nowait(FilesChanged(frozenset(paths)))
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()

@@ -112,20 +112,26 @@ class SocketRegistry:
         log.info("%s: closed %s", bound.owner, bound.address)
 
 
-def _bind_tcp(spec: SocketSpec) -> socket.socket:
-    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+def _listening(family: socket.AddressFamily, address: str | tuple[str, int]) -> socket.socket:
+    """A non-blocking socket listening on ``address`` with the shared BACKLOG."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        # Rebinding right after a restart must not wait out TIME_WAIT. No
-        # SO_REUSEPORT: a second bind of the same port is a mistake to report.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((spec.host, spec.port))
+        if family != socket.AF_UNIX:
+            # Rebinding right after a restart must not wait out TIME_WAIT. No
+            # SO_REUSEPORT: a second bind of the same port is a mistake to report.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _bind_tcp(spec: SocketSpec) -> socket.socket:
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    return _listening(family, (spec.host, spec.port))
 
 
 def _bind_unix(spec: SocketSpec) -> socket.socket:
@@ -141,15 +147,7 @@ def _bind_unix(spec: SocketSpec) -> socket.socket:
         if _unix_in_use(path):
             raise OSError(98, f"{path} is in use by another process")
         os.unlink(path)  # stale, from a process that died
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _listening(socket.AF_UNIX, path)
 
 
 def _unix_in_use(path: str) -> bool:

@@ -242,7 +242,8 @@ class BundleRunner:
         try:
             spec = load_bundle(self.source, self.svc.config)
         except ConfigError as exc:
-            self._report("cannot load the bundle: " + "; ".join(exc.problems))
+            keeps = BundleState.RUNNING if self.current is not None else BundleState.FAILED
+            self._report("cannot load the bundle: " + "; ".join(exc.problems), keeps)
             return
         if self.current is None:
             await self._start(spec, digest, self._last_state)
@@ -255,14 +256,14 @@ class BundleRunner:
         try:
             new = await self._spawn(spec, digest)
         except SwapAborted as exc:
-            self._report(str(exc), failed=True)
+            self._report(str(exc), BundleState.FAILED)
             return
         try:
             await self._load(new)
             await self._begin(new, state if new.hooks.get("restore") else None)
         except SwapAborted as exc:
             await self._discard(new, str(exc))
-            self._report(f"{new.tag} did not start: {exc}", failed=True)
+            self._report(f"{new.tag} did not start: {exc}", BundleState.FAILED)
             return
         self.current = new
         self.state = BundleState.RUNNING
@@ -275,7 +276,7 @@ class BundleRunner:
         try:
             new = await self._spawn(spec, digest)
         except SwapAborted as exc:
-            self._report(f"swap aborted, {old.tag} keeps serving: {exc}")
+            self._report(f"swap aborted, {old.tag} keeps serving: {exc}", BundleState.RUNNING)
             return
         paused_at = None
         try:
@@ -291,7 +292,8 @@ class BundleRunner:
             await self._discard(new, str(exc))
             if old.state is S.PAUSED:
                 await self._resume(old)
-            self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}")
+            self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}",
+                         BundleState.RUNNING)
             return
         ready_at = time.monotonic()
         self.current = new
@@ -316,12 +318,13 @@ class BundleRunner:
         self._crashes = [t for t in self._crashes if now - t < timing.restart_window] + [now]
         error = f"{crashed.tag} {how} while serving"
         if len(self._crashes) > timing.max_restarts:
+            self._release_sockets()  # refuse clients rather than leave them in the backlog
             self._report(f"{error}; {len(self._crashes)} crashes within "
                          f"{timing.restart_window:g}s, giving up until the files change",
-                         failed=True)
+                         BundleState.FAILED)
             return
         delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
-        self._report(f"{error}; restarting in {delay:.1f}s", failed=True)
+        self._report(f"{error}; restarting in {delay:.1f}s", BundleState.STARTING)
         self.restarts += 1
         try:  # a backoff, cut short if the bundle is closed meanwhile
             await asyncio.wait_for(self._closed.wait(), delay)
@@ -442,12 +445,10 @@ class BundleRunner:
         keep = [g.spec for g in self._gens.values()]
         self.svc.sockets.release_unused(self.name, keep)
 
-    def _report(self, message: str, failed: bool = False) -> None:
+    def _report(self, message: str, state: BundleState) -> None:
+        """An error for the log and status; the bundle is now in ``state``."""
         self.last_error = message
-        if failed or self.current is None:
-            self.state = BundleState.FAILED
-        else:
-            self.state = BundleState.RUNNING
+        self.state = state
         log.error("%s: %s", self.name, message, extra={"bundle": self.name})
 
 
