@@ -25,6 +25,9 @@ from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger("hotsup")
 
+#: Seconds a reply may trail its worker's exit (see WorkerProcess._first_of).
+REPLY_GRACE = 0.25
+
 
 class WorkerError(Exception):
     """A worker failed: could not load, answered a request with an error, died, or timed out."""
@@ -123,9 +126,18 @@ class WorkerProcess:
         raise WorkerError(f"not loaded within start_timeout ({timeout:g}s)")
 
     async def _first_of(self, future: asyncio.Future[Any], timeout: float) -> set[Any]:
-        """Wait for ``future`` or this process's exit, whichever comes first."""
+        """Wait for ``future`` or this process's exit, whichever comes first.
+
+        The exit (a pidfd) and the worker's messages (zmq) are read apart, so a
+        reply sent just before exiting may still be queued when the exit is
+        seen: it gets REPLY_GRACE to arrive, and then wins.
+        """
         waiting: set[asyncio.Future[Any]] = {future, self.exited}
         done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self.exited in done and future not in done:
+            await asyncio.wait({future}, timeout=REPLY_GRACE)
+            if future.done():
+                return {future}
         return done
 
     def kill(self) -> None:
