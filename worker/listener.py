@@ -48,7 +48,9 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._accepting = False
+        self._accepting = False  # what the runtime asked for
+        self._reading = False  # whether our reader is installed right now
+        self._retry: asyncio.TimerHandle | None = None
         # The socket is shared: O_NONBLOCK lives on the open file description,
         # which the supervisor already made non-blocking for every holder.
         self._sock.setblocking(False)
@@ -68,14 +70,27 @@ class Listener:
         return len(self._tasks)
 
     def pause(self) -> None:
-        if self._accepting:
-            self._loop.remove_reader(self._sock.fileno())
-            self._accepting = False
+        self._accepting = False
+        self._set_reading(False)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def resume(self) -> None:
-        if not self._accepting:
+        self._accepting = True
+        self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        if on and not self._reading:
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
-            self._accepting = True
+        elif not on and self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = on
+
+    def _retry_accept(self) -> None:
+        self._retry = None
+        if self._accepting:  # not if the runtime paused us meanwhile
+            self._set_reading(True)
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no connection is in flight, False if ``timeout`` passed first."""
@@ -110,8 +125,9 @@ class Listener:
                 # EMFILE and friends: leave the connection queued in the backlog
                 # and try again shortly, rather than spinning on a readable fd.
                 self._log.error("accept on socket %r failed: %s", self.name, exc)
-                self.pause()
-                self._loop.call_later(0.1, self.resume)
+                self._set_reading(False)
+                if self._retry is None:
+                    self._retry = self._loop.call_later(0.1, self._retry_accept)
                 return
             conn.setblocking(False)
             task = self._loop.create_task(self._serve(conn))

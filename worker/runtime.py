@@ -273,6 +273,9 @@ class Worker:
             state = pickle.loads(payload)
             await _maybe_await(self.bundle.restore(state))
         await _maybe_await(self.bundle.start())
+        if self.sockets and not self.ctx.listeners:
+            self.log.warning("start() served none of its sockets through ctx.serve(): hotsup "
+                             "cannot pause this bundle, so a swap may drop its connections")
         return {"listeners": len(self.ctx.listeners)}
 
     async def _pause(self, header: dict[str, Any], payload: bytes | None) -> bytes | dict[str, Any]:
