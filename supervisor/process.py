@@ -66,8 +66,11 @@ class WorkerProcess:
         try:
             await process._spawn(sockets, log_level)
         except ZygoteError as exc:
-            await process.close()
+            process.release()
             raise WorkerError(f"cannot fork {process.tag}: {exc}") from None
+        except BaseException:  # cancelled: the zygote kills a fork nobody waits for
+            process.release()
+            raise
         return process
 
     async def _spawn(self, sockets: dict[str, socket.socket], log_level: str) -> None:
@@ -101,9 +104,12 @@ class WorkerProcess:
         future: asyncio.Future[tuple[dict[str, Any], bytes | None]] = \
             asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._channel.send(self.token, {"op": op, "id": request_id, **fields}, payload)
-            done = await self._first_of(future, timeout)
+            header = {"op": op, "id": request_id, **fields}
+            await asyncio.wait_for(self._channel.send(self.token, header, payload), timeout)
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            done = await self._first_of(future, left)
             if future in done:
                 header, data = future.result()
                 if not header.get("ok"):
@@ -114,6 +120,8 @@ class WorkerProcess:
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
         except ConnectionError as exc:
             raise WorkerError(f"{op}: {exc}") from None
+        except TimeoutError:
+            raise WorkerError(f"{op}: could not send within {timeout:g}s") from None
         finally:
             self._replies.pop(request_id, None)
 
@@ -141,13 +149,15 @@ class WorkerProcess:
         return done
 
     def kill(self) -> None:
-        """SIGKILL the worker's whole process group (it leads its own), if it is alive."""
-        if self.pid is None or self.exited.done():
+        """SIGKILL the worker's whole process group: it leads its own, and what
+        it forked stays in it (and may hold its sockets) after it exited."""
+        if self.pid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self._pidfd >= 0 and not self.exited.done():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     async def wait_exit(self, timeout: float) -> bool:
         try:
@@ -163,7 +173,7 @@ class WorkerProcess:
         try:
             # The zygote reaps and reports right after the pidfd fired.
             code = await asyncio.wait_for(asyncio.shield(self._zygote.exit_code(self.pid)), 1.0)
-        except TimeoutError:
+        except (TimeoutError, ZygoteError):
             return "exited"
         if code < 0:
             try:
@@ -174,9 +184,18 @@ class WorkerProcess:
         return f"exited with code {code}"
 
     async def close(self) -> None:
-        """Forget the process (after it exited): channel, pidfd, log pipe."""
+        """Forget the process after it exited, once its log pipe drained."""
+        if self._log is not None:
+            # The last lines of a crash matter, but do not wait on a grandchild
+            # that keeps the pipe open.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._log.closed), 1.0)
+        self.release()
+
+    def release(self) -> None:
+        """Drop everything held for the process: channel token, pidfd, log pipe."""
         self._channel.unregister(self.token)
-        if self.pid is not None and self.exited.done():
+        if self.pid is not None:
             self._zygote.forget(self.pid)
         if self._pidfd >= 0:
             with contextlib.suppress(ValueError, OSError):
@@ -184,10 +203,6 @@ class WorkerProcess:
             os.close(self._pidfd)
             self._pidfd = -1
         if self._log is not None:
-            # Let the pipe drain to EOF (the last lines of a crash matter), but
-            # do not wait on a grandchild that keeps it open.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._log.closed), 1.0)
             self._log.close()
 
     def _set_exited(self) -> None:

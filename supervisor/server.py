@@ -38,9 +38,6 @@ from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
 
-#: Seconds after a batch of changes when the same places are looked at again.
-RECHECK_AFTER = 1.0
-
 
 # -- commands -----------------------------------------------------------------------
 
@@ -76,8 +73,6 @@ class Supervisor:
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self._services: Services | None = None
         self._stopping = False
-        self._recheck: set[Path] = set()
-        self._recheck_timer: asyncio.TimerHandle | None = None
         self._removing: set[asyncio.Task[None]] = set()
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -176,8 +171,6 @@ class Supervisor:
         runner.start()
 
     async def _close_all(self) -> None:
-        if self._recheck_timer is not None:
-            self._recheck_timer.cancel()
         runners, self.runners = list(self.runners.values()), {}
         await asyncio.gather(*(runner.close() for runner in runners), *self._removing)
 
@@ -189,17 +182,6 @@ class Supervisor:
         return [r for r in roots if r is not None]
 
     def _files_changed(self, paths: set[Path]) -> None:
-        self.commands.put_nowait(FilesChanged(frozenset(paths)))
-        # Files created in a brand-new subdirectory can be missed by inotify:
-        # look at the same places once more a second later. A pass whose
-        # content did not change costs a hash and swaps nothing.
-        self._recheck |= paths
-        if self._recheck_timer is None:
-            self._recheck_timer = asyncio.get_running_loop().call_later(
-                RECHECK_AFTER, self._recheck_now)
-
-    def _recheck_now(self) -> None:
-        paths, self._recheck, self._recheck_timer = self._recheck, set(), None
         if not self._stopping:
             self.commands.put_nowait(FilesChanged(frozenset(paths)))
 

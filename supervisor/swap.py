@@ -156,8 +156,13 @@ class BundleRunner:
         self._tried: str | None = None  # the content digest last tried
         self._last_state: bytes | None = None  # the newest snapshot we hold
         self._crashes: list[float] = []
+        # The sockets to hold even while no generation does (a crash backoff,
+        # a spawn in progress): those of the spec last served and of the one
+        # being spawned. None once the bundle gave up or closed.
+        self._serving: BundleSpec | None = None
+        self._spawning: BundleSpec | None = None
         self._wake = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._closed = False
         self._force = False
         self._gens: dict[int, Generation] = {}  # every generation not yet reaped
         self._retiring: set[asyncio.Task[None]] = set()
@@ -181,9 +186,11 @@ class BundleRunner:
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
+            if self._closed:
+                return
             force, self._force = self._force, False
             try:
                 current = self.current
@@ -195,17 +202,18 @@ class BundleRunner:
                 log.exception("%s: internal error in the swap loop", self.name)
 
     async def close(self) -> None:
-        """Stop the loop (cutting short a swap in progress), retire every serving
+        """Stop the loop (cutting short a swap or a backoff), retire every serving
         generation (drain, stop(), exit), kill the others, release the sockets."""
-        self._closed.set()
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.current = None
+        self._serving = None
         for gen in list(self._gens.values()):
             if gen.state in (S.READY, S.PAUSED):
                 self._retire_later(gen)
-            elif gen.state in (S.SPAWNING, S.LOADED):
+            elif gen.state is not S.RETIRING:  # retiring ones are awaited below
                 await self._discard(gen, "shutting down")
         while self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -265,8 +273,7 @@ class BundleRunner:
             await self._discard(new, str(exc))
             self._report(f"{new.tag} did not start: {exc}", BundleState.FAILED)
             return
-        self.current = new
-        self.state = BundleState.RUNNING
+        self._make_current(new, spec)
         log.info("%s: serving (pid %s)", new.tag, new.process.pid)
 
     async def _swap(self, spec: BundleSpec, digest: str, started: float) -> None:
@@ -278,7 +285,8 @@ class BundleRunner:
         except SwapAborted as exc:
             self._report(f"swap aborted, {old.tag} keeps serving: {exc}", BundleState.RUNNING)
             return
-        paused_at = None
+        paused_at: float | None = None
+        snapshot: bytes | None = None
         try:
             await self._load(new)
             if old.hands_over_to(new):
@@ -288,16 +296,17 @@ class BundleRunner:
                 self._last_state = snapshot
             else:
                 await self._begin(new, None)
-        except SwapAborted as exc:
+        except Exception as exc:
             await self._discard(new, str(exc))
             if old.state is S.PAUSED:
-                await self._resume(old)
+                await self._resume(old, snapshot)
+            if not isinstance(exc, SwapAborted):
+                raise  # a bug: run() logs it; the old generation is serving again
             self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}",
                          BundleState.RUNNING)
             return
         ready_at = time.monotonic()
-        self.current = new
-        self.state = BundleState.RUNNING
+        self._make_current(new, spec)
         self.last_error = None
         self.swaps += 1
         self.last_swap_ms = (ready_at - started) * 1000
@@ -308,44 +317,46 @@ class BundleRunner:
         self._retire_later(old)
 
     async def _recover(self, crashed: Generation) -> None:
-        """The serving generation died: restart it, within the restart intensity."""
+        """The serving generation died: restart it with backoff, within the
+        restart intensity (more than max_restarts in restart_window: give up)."""
         how = await crashed.process.describe_exit()
         self._move(crashed, S.FAILED)
         await self._forget(crashed)
         self.current = None
-        timing = crashed.spec.timing
-        now = time.monotonic()
-        self._crashes = [t for t in self._crashes if now - t < timing.restart_window] + [now]
         error = f"{crashed.tag} {how} while serving"
-        if len(self._crashes) > timing.max_restarts:
-            self._release_sockets()  # refuse clients rather than leave them in the backlog
-            self._report(f"{error}; {len(self._crashes)} crashes within "
-                         f"{timing.restart_window:g}s, giving up until the files change",
-                         BundleState.FAILED)
-            return
-        delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
-        self._report(f"{error}; restarting in {delay:.1f}s", BundleState.STARTING)
-        self.restarts += 1
-        try:  # a backoff, cut short if the bundle is closed meanwhile
-            await asyncio.wait_for(self._closed.wait(), delay)
-            return
-        except TimeoutError:
-            pass
-        await self._advance(force=True)
+        timing = crashed.spec.timing
+        while self.current is None:
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < timing.restart_window]
+            self._crashes.append(now)
+            if len(self._crashes) > timing.max_restarts:
+                self._serving = None
+                self._release_sockets()  # refuse clients rather than leave them queued
+                self._report(f"{error}; {len(self._crashes)} failures within "
+                             f"{timing.restart_window:g}s, giving up until the files change",
+                             BundleState.FAILED)
+                return
+            delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
+            self._report(f"{error}; restarting in {delay:.1f}s", BundleState.STARTING)
+            self.restarts += 1
+            await asyncio.sleep(delay)  # a backoff; close() cancels it
+            await self._advance(force=True)
+            error = self.last_error or "the restart failed"
 
     # -- one generation's moves ------------------------------------------------
 
     async def _spawn(self, spec: BundleSpec, digest: str) -> Generation:
+        self._spawning = spec
         try:
             sockets = self.svc.sockets.acquire(spec)
-        except SocketError as exc:
-            raise SwapAborted(str(exc)) from None
-        self._number += 1
-        try:
+            self._number += 1
             process = await self.svc.spawn(spec, self._number, sockets)
-        except WorkerError as exc:
+        except (SocketError, WorkerError) as exc:
+            self._spawning = None
             self._release_sockets()
             raise SwapAborted(str(exc)) from None
+        finally:
+            self._spawning = None
         gen = Generation(self._number, spec, digest, process)
         self._gens[gen.number] = gen
         process.exited.add_done_callback(lambda _: self._on_exit(gen))
@@ -356,16 +367,20 @@ class BundleRunner:
         try:
             loaded = await gen.process.wait_loaded(gen.spec.timing.start_timeout)
         except WorkerError as exc:
-            raise SwapAborted(f"{gen.tag} failed to load: {exc}") from None
+            raise SwapAborted(f"loading: {exc}") from None
         gen.hooks = dict(loaded.get("hooks", {}))
         self._move(gen, S.LOADED)
 
     async def _begin(self, gen: Generation, snapshot: bytes | None) -> None:
-        """restore(snapshot) if any, then start(): LOADED -> READY."""
+        """restore(snapshot) if any, then start(): LOADED -> READY.
+
+        The worker accepts nothing until start() returned, so a generation
+        that fails here has no connection to lose when it is killed.
+        """
         try:
             await gen.process.call(P.OP_START, gen.spec.timing.start_timeout, snapshot)
         except WorkerError as exc:
-            raise SwapAborted(f"{gen.tag} failed to start: {exc}") from None
+            raise SwapAborted(str(exc)) from None
         self._move(gen, S.READY)
 
     async def _pause(self, gen: Generation) -> bytes:
@@ -382,11 +397,18 @@ class BundleRunner:
             raise SwapAborted(f"{gen.tag} sent no snapshot")
         return snapshot
 
-    async def _resume(self, gen: Generation) -> None:
+    async def _resume(self, gen: Generation, snapshot: bytes | None) -> None:
+        """PAUSED -> READY; a generation that cannot resume is restarted instead."""
         try:
             await gen.process.call(P.OP_RESUME, gen.spec.timing.quiesce_timeout)
         except WorkerError as exc:
-            log.error("%s: could not resume: %s", gen.tag, exc)
+            # Frozen, or still inside snapshot(). Kill it: its exit wakes the
+            # loop, which restarts the bundle, from this snapshot if we have
+            # one (it holds everything: nothing was accepted since).
+            log.error("%s: could not resume (%s); restarting it", gen.tag, exc)
+            if snapshot is not None:
+                self._last_state = snapshot
+            gen.process.kill()
             return
         self._move(gen, S.READY)
 
@@ -405,16 +427,17 @@ class BundleRunner:
             log.warning("%s: retire: %s", gen.tag, exc)
         if not await gen.process.wait_exit(STOP_GRACE):
             log.warning("%s: still running after retiring; killing it", gen.tag)
-            gen.process.kill()
-            await gen.process.wait_exit(STOP_GRACE)
+        gen.process.kill()  # the whole group: helpers it left behind too
+        await gen.process.wait_exit(STOP_GRACE)
         self._move(gen, S.EXITED)
         await self._forget(gen)
         self._release_sockets()
         log.info("%s: retired", gen.tag)
 
     async def _discard(self, gen: Generation, why: str) -> None:
-        """Kill a generation that will never serve, and reap it."""
-        self._move(gen, S.FAILED)
+        """Kill a generation that will never serve (or a discard cut short), and reap it."""
+        if gen.state is not S.FAILED:
+            self._move(gen, S.FAILED)
         gen.process.kill()
         if not await gen.process.wait_exit(STOP_GRACE):
             log.error("%s: did not exit after SIGKILL", gen.tag)
@@ -435,14 +458,23 @@ class BundleRunner:
     # -- helpers ------------------------------------------------------------------
 
     def _on_exit(self, gen: Generation) -> None:
-        # Only a serving generation's death needs the loop: one that is loading,
-        # starting or retiring is being waited on by the step that owns it.
-        if gen is self.current and gen.state in (S.READY, S.PAUSED):
+        # Only the serving generation's death needs the loop (the others are
+        # awaited by the step that owns them). A pass at any other moment
+        # could read a file in mid-write.
+        if gen is self.current and not self._closed:
+            self._wake.set()
+
+    def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
+        self.current = gen
+        self._serving = spec
+        self.state = BundleState.RUNNING
+        if gen.process.exited.done():  # it died while we made it current
             self._wake.set()
 
     def _release_sockets(self) -> None:
-        """Close the sockets that no generation still alive declares."""
+        """Close the sockets that neither a live generation nor the bundle still needs."""
         keep = [g.spec for g in self._gens.values()]
+        keep += [spec for spec in (self._serving, self._spawning) if spec is not None]
         self.svc.sockets.release_unused(self.name, keep)
 
     def _report(self, message: str, state: BundleState) -> None:

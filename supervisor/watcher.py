@@ -10,6 +10,11 @@ same for one ``step``; we run it with a short step and keep the quiet period
 (``watch_quiet_ms``) ourselves, measured from the last batch, so a change is
 taken about ``watch_quiet_ms`` after the last write instead of up to twice that.
 A directory that never goes quiet is still taken every ``watch_batch_ms``.
+
+Files created in a brand-new subdirectory can be missed by inotify, so each
+batch is reported once more after RECHECK_AFTER seconds of silence (a batch
+whose content did not change costs a hash and swaps nothing). Only after
+silence: a look while a file is being written could see half of it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ log = logging.getLogger("hotsup")
 
 #: watchfiles' own quiet step (ms); ours is watch_quiet_ms on top of what it saw.
 _STEP_MS = 5
+
+#: Seconds of silence after a batch before the same places are reported again.
+RECHECK_AFTER = 1.0
 
 _IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache",
                  ".ruff_cache", "node_modules"}
@@ -87,6 +95,8 @@ class Watcher:
         self._pending: set[Path] = set()
         self._first: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_paths: set[Path] = set()
 
     async def run(self) -> None:
         if not self._roots:
@@ -98,8 +108,9 @@ class Watcher:
             ):
                 self._add({Path(p) for _, p in changes})
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
+            for timer in (self._timer, self._recheck):
+                if timer is not None:
+                    timer.cancel()
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,6 +121,10 @@ class Watcher:
         if self._first is None:
             self._first = now
         self._pending |= paths
+        if self._recheck is not None:  # not silent any more: the next batch rechecks
+            self._recheck.cancel()
+            self._recheck = None
+            self._pending |= self._recheck_paths
         if self._timer is not None:
             self._timer.cancel()
         overdue = (now - self._first) * 1000 >= self._batch_ms
@@ -121,3 +136,9 @@ class Watcher:
         self._timer = None
         if paths:
             self._on_batch(paths)
+            self._recheck_paths = paths
+            self._recheck = asyncio.get_running_loop().call_later(RECHECK_AFTER, self._recheck_now)
+
+    def _recheck_now(self) -> None:
+        self._recheck = None
+        self._on_batch(self._recheck_paths)

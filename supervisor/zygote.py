@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +41,7 @@ class Zygote:
         self._ready: asyncio.Future[None] | None = None
         self._restarting = asyncio.Lock()
         self._stopped = False
+        self._abandoned: set[int] = set()  # spawn requests nobody waits for any more
 
     @property
     def pid(self) -> int | None:
@@ -67,6 +70,10 @@ class Zygote:
         loop.add_reader(ours.fileno(), self._on_readable)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            await self._close(timeout=2.0)
+            raise ZygoteError(f"the zygote was not ready within {timeout:g}s "
+                              f"(is a preloaded module slow to import?)") from None
         except BaseException:
             await self._close(timeout=2.0)
             raise
@@ -81,13 +88,18 @@ class Zygote:
         try:
             data = P.pack_zygote({"op": P.ZY_SPAWN, "id": request_id, "spec": spec})
             socket.send_fds(self._sock, [data], fds)
-            return await asyncio.wait_for(future, timeout)
+            pid = await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            self._abandoned.add(request_id)
             raise ZygoteError(f"the zygote did not answer a spawn within {timeout:g}s") from None
         except OSError as exc:
             raise ZygoteError(f"cannot reach the zygote: {exc}") from None
+        except BaseException:
+            self._abandoned.add(request_id)  # cancelled: nobody will own that worker
+            raise
         finally:
             self._pending.pop(request_id, None)
+        return pid
 
     async def _ensure_running(self) -> None:
         """Start a new zygote if the last one died (its workers live on without it)."""
@@ -108,9 +120,12 @@ class Zygote:
             await self.start()
 
     def exit_code(self, pid: int) -> asyncio.Future[int]:
+        """The exit code of a worker this handle spawned (and has not forgotten)."""
         future = self._codes.get(pid)
-        if future is None:
-            future = self._codes[pid] = asyncio.get_running_loop().create_future()
+        if future is None:  # forgotten, or never ours: no code will come
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(ZygoteError(f"pid {pid} is not a worker of ours"))
+            future.exception()  # retrieved: nobody need wait on it
         return future
 
     def forget(self, pid: int) -> None:
@@ -159,12 +174,20 @@ class Zygote:
         if op == "ready" and self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
         elif op == P.ZY_SPAWNED:
-            future = self._pending.get(message.get("id", -1))
+            request_id, pid = message.get("id", -1), int(message["pid"])
+            future = self._pending.get(request_id)
             if future is not None and not future.done():
-                future.set_result(int(message["pid"]))
+                # Tracked from here: its exit report may follow in this very batch.
+                self._codes[pid] = asyncio.get_running_loop().create_future()
+                future.set_result(pid)
+            elif request_id in self._abandoned:
+                self._abandoned.discard(request_id)
+                log.warning("killing worker %d: its spawn was given up", pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
         elif op == P.ZY_EXITED:
-            code = self.exit_code(int(message["pid"]))
-            if not code.done():
+            code = self._codes.get(int(message["pid"]))
+            if code is not None and not code.done():
                 code.set_result(int(message["status"]))
         elif op == P.ZY_ERROR:
             error = ZygoteError(str(message.get("error")))

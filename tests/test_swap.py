@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from harness import Hotsup, Load, counter_source, free_port, request, write_bundle
@@ -46,12 +47,17 @@ def test_twenty_swaps_under_load_lose_nothing(hotsup: MakeHotsup) -> None:
     assert "hand-over" in sup.log()
 
 
-BAD_UPGRADES = {
+SERVES_THEN_FAILS = ("await self.ctx.serve('main', self.handle); await asyncio.sleep(0.5); "
+                     "raise RuntimeError('late failure')")
+
+BAD_UPGRADES: dict[str, dict[str, Any]] = {
     "syntax error": dict(tail="\ndef broken(:\n"),
     "exception in start": dict(start="raise RuntimeError('start exploded')"),
     "hang in start": dict(start="await asyncio.sleep(3600)"),
     "failing restore": dict(restore="raise ValueError('cannot restore this')"),
     "exception in constructor": dict(init="raise KeyError('no such setting')"),
+    "start serves, then fails": dict(start=SERVES_THEN_FAILS),
+    "start serves, then fails (overlap)": dict(start=SERVES_THEN_FAILS, hooks=False),
 }
 
 

@@ -31,6 +31,7 @@ class Script:
     load_error: str | None = None
     fail: dict[str, str] = field(default_factory=dict)  # op -> error message
     hang: set[str] = field(default_factory=set)  # ops that never answer
+    exit_after: set[str] = field(default_factory=set)  # ops answered, then the process dies
 
 
 class FakeWorker:
@@ -59,7 +60,7 @@ class FakeWorker:
             raise WorkerError(f"{op}: {self.script.fail[op]}")
         if op == "start":
             self.restored = payload
-        if op == "retire":
+        if op == "retire" or op in self.script.exit_after:
             self.crash()
         data = f"state of {self.number}".encode() if op == "pause" else None
         return {"ok": True}, data
@@ -88,7 +89,8 @@ class World:
     def __init__(self, tmp_path: Path, defaults: str = "") -> None:
         bundle = tmp_path / "bundles" / "b"
         bundle.mkdir(parents=True)
-        (bundle / "bundle.toml").write_text('entry = "app:App"\n')
+        (bundle / "bundle.toml").write_text(
+            'entry = "app:App"\n[sockets.main]\nbind = "127.0.0.1:0"\n')
         (bundle / "app.py").write_text("class App: pass\n")
         if "start_timeout" not in defaults:
             defaults += "start_timeout = 0.2\n"
@@ -98,7 +100,8 @@ class World:
         self.scripts: dict[int, Script] = {}
         self.workers: dict[int, FakeWorker] = {}
         self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
-        services = Services(self.config, SocketRegistry(), self._spawn, self._digest)
+        self.sockets = SocketRegistry()
+        services = Services(self.config, self.sockets, self._spawn, self._digest)
         self.runner = BundleRunner(BundleSource("b", bundle), services)
 
     async def _spawn(self, spec: BundleSpec, number: int,
@@ -263,11 +266,72 @@ def test_restart_intensity_marks_the_bundle_failed(tmp_path: Path,
         await until(serving(world, 2))
         world.workers[2].crash()
         await until(lambda: world.runner.state is BundleState.FAILED, "giving up")
-        assert "2 crashes within 60s" in (world.runner.last_error or "")
+        assert "2 failures within 60s" in (world.runner.last_error or "")
         assert world.runner.current is None and 3 not in world.workers
         world.change("v2")  # new content: try again
         await until(serving(world, 3))
     run(test, tmp_path, "max_restarts = 1\n")
+
+
+def test_sockets_are_held_through_a_crash_backoff(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 30.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        address = world.sockets.addresses("b")
+        assert len(address) == 1
+        world.workers[1].crash()
+        await until(lambda: world.runner.state is BundleState.STARTING, "the backoff")
+        assert world.sockets.addresses("b") == address, "the port stays open: clients queue"
+        started = asyncio.get_running_loop().time()
+        await world.runner.close()  # cuts the 30 s backoff short
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert world.sockets.addresses("b") == []
+    run(test, tmp_path)
+
+
+def test_a_failed_restart_backs_off_and_tries_again(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.scripts[2] = Script(fail={"start": "RuntimeError: database not up yet"})
+        world.workers[1].crash()
+        await until(serving(world, 3), "a second restart after the first failed")
+        assert world.runner.restarts == 2
+        assert world.sockets.addresses("b"), "sockets held throughout"
+    run(test, tmp_path)
+
+
+def test_an_old_generation_that_cannot_resume_is_restarted_from_its_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"resume": "no answer within 5s"})
+        await until(serving(world, 1))
+        world.change("v2", Script(fail={"start": "RuntimeError: boom"}))
+        await until(lambda: 3 in world.workers and world.runner.current is not None
+                    and world.runner.current.number == 3, "a restart of the bundle")
+        assert world.workers[1].killed and world.workers[2].killed
+        assert world.workers[3].restored == b"state of 1"
+    run(test, tmp_path)
+
+
+def test_a_generation_that_dies_as_it_becomes_current_is_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2", Script(exit_after={"start"}))
+        await until(serving(world, 3), "the dead generation 2 replaced")
+        assert world.runner.restarts == 1
+    run(test, tmp_path)
 
 
 def test_close_during_a_swap_cleans_up_every_generation(tmp_path: Path) -> None:

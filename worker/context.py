@@ -36,11 +36,15 @@ class BundleContext:
         self.path = path
         self.log = log
         self.listeners: list[Listener] = []
+        #: True while the bundle's start() runs: listeners wait for it to succeed.
+        self.starting = False
 
     def serve(self, socket_name: str, client_connected_cb: ClientCallback) -> Listener:
         """Serve ``client_connected_cb(reader, writer)`` on the named socket.
 
-        Accepting starts at once. The runtime pauses, resumes and drains the
+        Accepting starts when ``start()`` has returned (at once if called later):
+        a generation whose ``start()`` fails has accepted no connection that
+        could be lost when it is killed. The runtime pauses, resumes and drains the
         returned listener during swaps and counts its connections in flight, so
         a bundle that serves through this loses no connection when it is
         upgraded. The result may be awaited (``await ctx.serve(...)``) or not.
@@ -52,6 +56,7 @@ class BundleContext:
             raise KeyError(
                 f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
             ) from None
-        listener = Listener(socket_name, sock, client_connected_cb, self.log)
+        listener = Listener(socket_name, sock, client_connected_cb, self.log,
+                            accepting=not self.starting)
         self.listeners.append(listener)
         return listener

@@ -30,7 +30,8 @@ _ACCEPT_BATCH = 64
 class Listener:
     """Serves ``callback(reader, writer)`` for every connection on ``sock``.
 
-    Contract: accepting starts at construction; ``pause()`` stops accepting at
+    Contract: accepting starts at construction if ``accepting``, else at the
+    first ``resume()``; ``pause()`` stops accepting at
     once (no connection is accepted after it returns); ``resume()`` starts
     again; ``inflight`` counts connections accepted and not yet finished (the
     callback returned and the transport closed); ``wait_idle()`` waits until it
@@ -38,7 +39,8 @@ class Listener:
     """
 
     def __init__(
-        self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger
+        self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger,
+        accepting: bool = True,
     ) -> None:
         self.name = name
         self._sock = sock
@@ -54,7 +56,8 @@ class Listener:
         # The socket is shared: O_NONBLOCK lives on the open file description,
         # which the supervisor already made non-blocking for every holder.
         self._sock.setblocking(False)
-        self.resume()
+        if accepting:
+            self.resume()
 
     def __await__(self) -> Generator[Any, None, Listener]:
         """``await ctx.serve(...)`` and plain ``ctx.serve(...)`` both work."""

@@ -266,13 +266,19 @@ class Worker:
     # -- requests -------------------------------------------------------------
 
     async def _start(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
-        if payload is not None:
-            # The snapshot came from the previous generation of this same
-            # bundle, relayed by the supervisor over the owner-only channel
-            # that this worker authenticated to.
-            state = pickle.loads(payload)
-            await _maybe_await(self.bundle.restore(state))
-        await _maybe_await(self.bundle.start())
+        self.ctx.starting = True
+        try:
+            if payload is not None:
+                # The snapshot came from the previous generation of this same
+                # bundle, relayed by the supervisor over the owner-only channel
+                # that this worker authenticated to.
+                state = pickle.loads(payload)
+                await _maybe_await(self.bundle.restore(state))
+            await _maybe_await(self.bundle.start())
+        finally:
+            self.ctx.starting = False
+        for listener in self.ctx.listeners:  # ready: now accept
+            listener.resume()
         if self.sockets and not self.ctx.listeners:
             self.log.warning("start() served none of its sockets through ctx.serve(): hotsup "
                              "cannot pause this bundle, so a swap may drop its connections")
