@@ -10,13 +10,18 @@ loaded on its own (``load_bundle``) so one broken bundle never stops another.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hotsup.worker import importer
 
 MANIFEST = "bundle.toml"
 
@@ -475,6 +480,24 @@ def _sockets(
     return tuple(specs)
 
 
+def _zygote_modules(preload: tuple[str, ...]) -> dict[str, str | None]:
+    """The modules a worker starts with (name -> file): those a fresh zygote imports."""
+    probe = ("import importlib, json, sys\n"
+             "import hotsup.worker.zygote\n"
+             "from hotsup.worker.importer import loaded_modules\n"
+             "for name in sys.argv[1:]:\n"
+             "    try: importlib.import_module(name)\n"
+             "    except Exception: pass\n"
+             "print(json.dumps(loaded_modules()))\n")
+    try:
+        result = subprocess.run([sys.executable, "-P", "-c", probe, *preload],
+                                capture_output=True, text=True, timeout=60, check=True)
+        modules: dict[str, str | None] = json.loads(result.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        modules = importer.loaded_modules()  # close: this process imports the runtime too
+    return modules
+
+
 def _module_exists(bundle_dir: Path, module: str) -> bool:
     parts = module.split(".")
     base = bundle_dir.joinpath(*parts)
@@ -502,12 +525,15 @@ def check(config_path: Path) -> list[str]:
         return exc.problems
     problems: list[str] = []
     owners: dict[str, str] = {}
+    zygote_modules = _zygote_modules(config.preload)
     for name, source in sorted(config.sources().items()):
         try:
             spec = load_bundle(source, config)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
+        problems.extend(f"{line}: rename it (the worker imports a module of that name first)"
+                        for line in importer.shadowed(source.path, zygote_modules))
         for sock in spec.sockets:
             if sock.port == 0 and sock.path is None:
                 continue

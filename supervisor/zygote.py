@@ -55,7 +55,8 @@ class Zygote:
             # process, whose event loop and zmq context must not be copied).
             # Its own process group: Ctrl-C in a terminal reaches only us.
             self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, returns at once
-                [sys.executable, "-m", "hotsup.worker.zygote",
+                # -P: the supervisor's working directory is not on its path
+                [sys.executable, "-P", "-m", "hotsup.worker.zygote",
                  "--channel", str(theirs.fileno()), "--lifeline", str(self._lifeline),
                  *self._preload],
                 pass_fds=(theirs.fileno(), self._lifeline),

@@ -56,6 +56,17 @@ def request(port: int, line: str = "incr", timeout: float = 5.0) -> str:
     return data.decode().strip()
 
 
+def save(path: Path, text: str, mtime_ns: int | None = None) -> None:
+    """Write a file the way editors save: a hidden temp file, renamed over the
+    old one. The watcher never sees it half-written (a plain write_text
+    truncates first, and a busy machine can pause the writer in between)."""
+    temp = path.with_name(f".{path.name}.saving")
+    temp.write_text(text)
+    if mtime_ns is not None:
+        os.utime(temp, ns=(mtime_ns, mtime_ns))
+    os.replace(temp, path)
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -119,6 +130,9 @@ def counter_source(tag: str, *, start: str = "pass", restore: str = "pass",
         "        while line := await reader.readline():",
         '            if line.strip() == b"incr":',
         "                self.count += 1",
+        '            if line.strip() == b"slow":  # a request that takes a second',
+        '                print("slow request accepted", flush=True)',
+        "                await asyncio.sleep(1.0)",
         "            gen = self.ctx.generation",
         '            writer.write(f"count={self.count} generation={gen} tag={TAG}\\n".encode())',
         "            await writer.drain()",

@@ -825,3 +825,12 @@ def test_discover_missing_dir(tmp_path: Path) -> None:
 
 def test_discover_empty_dir(tmp_path: Path) -> None:
     assert discover(tmp_path) == []
+
+
+def test_check_reports_a_module_the_worker_runtime_shadows(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundles" / "tk", 'entry = "app:App"\n')
+    write(bundle / "token.py", "MINE = True\n")
+    write(bundle / "mine.py", "X = 1\n")
+    problems = check(make_config(tmp_path))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{bundle / 'token.py'} is shadowed by the module 'token'")

@@ -6,6 +6,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from harness import (
@@ -15,6 +16,7 @@ from harness import (
     free_port,
     port_open,
     request,
+    save,
     session_pids,
     wait_for,
     write_bundle,
@@ -78,7 +80,7 @@ def test_a_broken_bundle_does_not_stop_the_others(hotsup: MakeHotsup) -> None:
     assert request(good).endswith("tag=g0")
 
     # the good one still swaps
-    (sup.bundles / "good" / "good.py").write_text(counter_source("g1"))
+    save(sup.bundles / "good" / "good.py", counter_source("g1"))
     wait_for(lambda: request(good).endswith("tag=g1"), 10.0, "the good bundle to swap")
 
     # and fixing a broken one starts it
@@ -95,26 +97,35 @@ def test_sigterm_drains_and_leaves_no_process(hotsup: MakeHotsup) -> None:
     write_bundle(sup.bundles / "counter", counter_source("v0"), port)
     sup.start()
     sup.wait_log(r"counter@1: serving")
-    with Load(port, clients=2, timeout=5.0) as load:
-        load.wait_reply(lambda r: True)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(request, port, "slow", 10.0)
+        sup.wait_log(r"counter@1: slow request accepted")
         assert len(session_pids(sup.pid)) >= 3  # supervisor, zygote, worker
         sup.signal(signal.SIGTERM)
-        assert sup.stop(timeout=60) == 0
+        assert slow.result(timeout=10).startswith("count=0"), "the request in flight finished"
+    assert sup.stop(timeout=60) == 0
     assert session_pids(sup.pid) == []
     assert not port_open(port)
     assert "hotsup stopped" in sup.log()
 
 
 def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
+    """Not even a worker whose loop is blocked, nor a helper process it forked."""
     sup = hotsup()
     port = free_port()
-    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    helper = sup.root / "helper.pid"
+    start = (f"import subprocess, time; h = subprocess.Popen(['sleep', '60']); "
+             f"open({str(helper)!r}, 'w').write(str(h.pid)); "
+             f"asyncio.get_running_loop().call_later(0.2, time.sleep, 30)")
+    write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port)
     sup.start()
     sup.wait_log(r"counter@1: serving")
-    assert len(session_pids(sup.pid)) >= 3
+    helper_pid = int(str(wait_for(lambda: helper.exists() and helper.read_text(), 5.0)))
+    wait_for(lambda: not answers(port), 10.0, "the worker's loop to block")
+    assert helper_pid in session_pids(sup.pid)
     sup.signal(signal.SIGKILL)
     assert sup.proc is not None and sup.proc.wait(10) == -signal.SIGKILL
-    wait_for(lambda: session_pids(sup.pid) == [], 2.0, "the zygote and workers to exit")
+    wait_for(lambda: session_pids(sup.pid) == [], 2.0, "the zygote, workers and helpers to exit")
 
     # and the next start comes up cleanly on the same run_dir and port
     again = Hotsup(sup.root)
@@ -125,6 +136,14 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
         assert again.stop() == 0
     finally:
         again.kill_everything()
+
+
+def answers(port: int) -> bool:
+    try:
+        request(port, "get", timeout=0.3)
+    except OSError:
+        return False
+    return True
 
 
 def test_a_second_supervisor_on_the_same_run_dir_refuses(hotsup: MakeHotsup) -> None:

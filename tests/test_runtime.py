@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from harness import (
     free_port,
     port_open,
     request,
+    save,
     wait_for,
     write_bundle,
 )
@@ -46,8 +48,8 @@ def test_logs_prints_and_tracebacks_are_tagged(hotsup: MakeHotsup) -> None:
     sup.wait_log(r"ERROR\s+talker@1: from a module logger")
     sup.wait_log(r"INFO\s+talker@1: generation 1")
     # a traceback of a failing successor arrives whole, every line tagged
-    (sup.bundles / "talker" / "talker.py").write_text(
-        counter_source("v1", init="raise KeyError('missing-key')"))
+    save(sup.bundles / "talker" / "talker.py",
+         counter_source("v1", init="raise KeyError('missing-key')"))
     sup.wait_log(r"talker@2: .*KeyError: 'missing-key'")
     lines = [line for line in sup.log().splitlines() if "talker@2" in line]
     assert any("Traceback (most recent call last)" in line for line in lines)
@@ -67,7 +69,7 @@ def test_stop_is_called_at_retirement(hotsup: MakeHotsup) -> None:
     write_bundle(sup.bundles / "counter", source, port)
     sup.start()
     sup.wait_log(r"counter@1: serving")
-    (sup.bundles / "counter" / "counter.py").write_text(source.replace("'v0'", "'v1'"))
+    save(sup.bundles / "counter" / "counter.py", source.replace("'v0'", "'v1'"))
     sup.wait_log(r"counter@1: retired")
     assert marker.read_text() == "1\n"
     assert sup.stop() == 0
@@ -93,7 +95,7 @@ def test_unix_socket_bundle(hotsup: MakeHotsup) -> None:
             return sock.recv(100).decode().strip()
 
     assert ask().startswith("count=1 generation=1")
-    (bundle / "local.py").write_text(counter_source("v1"))
+    save(bundle / "local.py", counter_source("v1"))
     sup.wait_log(r"local@2: swapped")
     assert ask() == "count=2 generation=2 tag=v1"
     assert sup.stop() == 0
@@ -108,7 +110,7 @@ def test_changing_the_bind_address_moves_the_bundle(hotsup: MakeHotsup) -> None:
     sup.wait_log(r"counter@1: serving")
     assert request(old).startswith("count=1")
     manifest = bundle / "bundle.toml"
-    manifest.write_text(manifest.read_text().replace(str(old), str(new)))
+    save(manifest, manifest.read_text().replace(str(old), str(new)))
     sup.wait_log(r"counter@2: swapped")
     assert request(new).startswith("count=2 generation=2")
     wait_for(lambda: not port_open(old), 10.0, "the old port to close")
@@ -138,7 +140,7 @@ def test_a_killed_zygote_is_replaced_and_workers_live_on(hotsup: MakeHotsup) -> 
     os.kill(zygote, signal.SIGKILL)
     sup.wait_log(r"the zygote exited")
     assert request(port).startswith("count=1 generation=1")  # the worker did not care
-    (sup.bundles / "counter" / "counter.py").write_text(counter_source("v1"))
+    save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
     sup.wait_log(r"counter@2: swapped")
     assert request(port) == "count=2 generation=2 tag=v1"
     assert sup.stop() == 0
@@ -159,6 +161,37 @@ def test_preloaded_modules_are_imported_once_in_the_zygote(hotsup: MakeHotsup,
     zygote = int(sup.wait_log(r"zygote (\d+) ready"))
     sup.wait_log(r"counter@1: serving")
     assert f"generation=({zygote}, {zygote})" in request(port)
+    assert sup.stop() == 0
+
+
+def test_a_bundle_module_shadowed_by_the_runtime_is_refused(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    bundle = write_bundle(sup.bundles / "tk", counter_source("v0", tail="import token\n"),
+                          free_port(), module="app")
+    (bundle / "token.py").write_text("MINE = True\n")
+    sup.start()
+    line = sup.wait_log(r"tk: tk@1 did not start: .*")
+    assert "tk/token.py is shadowed by the module 'token'" in line, line
+    assert sup.stop() == 0
+
+
+def test_processes_a_bundle_runs_do_not_hold_its_sockets(hotsup: MakeHotsup) -> None:
+    """A helper that escapes the worker's process group, started with close_fds=False."""
+    sup = hotsup()
+    port = free_port()
+    helper = sup.root / "helper.pid"
+    start = (f"import subprocess; h = subprocess.Popen(['sleep', '60'], close_fds=False, "
+             f"start_new_session=True); open({str(helper)!r}, 'w').write(str(h.pid))")
+    write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    helper_pid = int(str(wait_for(lambda: helper.exists() and helper.read_text(), 5.0)))
+    try:
+        shutil.rmtree(sup.bundles / "counter")
+        sup.wait_log(r"counter@1: retired")
+        wait_for(lambda: not port_open(port), 10.0, "the port to close")
+    finally:
+        os.kill(helper_pid, signal.SIGKILL)  # ours: it escaped the worker's group on purpose
     assert sup.stop() == 0
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Hotsup, Load, counter_source, free_port, request, write_bundle
+from harness import Hotsup, Load, counter_source, free_port, request, save, write_bundle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,7 +26,7 @@ def start_counter(hotsup: MakeHotsup, config_extra: str = "", **source: str) -> 
 
 
 def edit(sup: Hotsup, source: str) -> None:
-    (sup.bundles / "counter" / "counter.py").write_text(source)
+    save(sup.bundles / "counter" / "counter.py", source)
 
 
 def test_twenty_swaps_under_load_lose_nothing(hotsup: MakeHotsup) -> None:
@@ -109,9 +109,9 @@ def test_stale_bytecode_is_never_served(hotsup: MakeHotsup) -> None:
     module = sup.bundles / "counter" / "counter.py"
     py_compile.compile(str(module))  # a cache that a plain import would trust
     before = os.stat(module)
-    module.write_text(counter_source("v9"))  # same length as "v0"
-    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    save(module, counter_source("v9"), mtime_ns=before.st_mtime_ns)  # same size as "v0"
     assert os.stat(module).st_size == before.st_size
+    assert os.stat(module).st_mtime_ns == before.st_mtime_ns
     sup.wait_log(r"counter@2: swapped")
     assert request(port).endswith("tag=v9")
     assert sup.stop() == 0

@@ -97,6 +97,7 @@ class World:
         (tmp_path / "config.toml").write_text(f"[defaults]\n{defaults}")
         self.config = load_config(tmp_path / "config.toml")
         self.content = "v1"
+        self.digests = 0  # passes that looked at the content
         self.scripts: dict[int, Script] = {}
         self.workers: dict[int, FakeWorker] = {}
         self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
@@ -113,6 +114,7 @@ class World:
         return worker
 
     async def _digest(self, source: BundleSource) -> str | None:
+        self.digests += 1
         return self.content
 
     def change(self, content: str, script: Script | None = None) -> None:
@@ -216,7 +218,11 @@ def test_failed_content_is_not_retried_until_it_changes(tmp_path: Path) -> None:
         await until(serving(world, 1))
         world.change("broken", Script(load_error="ImportError"))
         await until(lambda: world.runner.last_error is not None)
-        world.runner.request()  # same content: nothing happens
+        looked = world.digests
+        world.runner.request()  # same content: looked at, and nothing happens
+        await until(lambda: world.digests > looked, "a pass over the same content")
+        # (a pass that went on would have spawned in the same step: no await between)
+        assert sorted(world.workers) == [1, 2]
         world.scripts[3] = Script(load_error="ImportError")
         world.runner.request(force=True)  # but a forced reload tries again
         await until(lambda: 3 in world.workers and world.workers[3].killed, "a forced retry")

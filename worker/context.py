@@ -36,18 +36,19 @@ class BundleContext:
         self.path = path
         self.log = log
         self.listeners: list[Listener] = []
-        #: True while the bundle's start() runs: listeners wait for it to succeed.
-        self.starting = False
+        #: False until the bundle's start() succeeded: listeners wait for it.
+        self.started = False
 
     def serve(self, socket_name: str, client_connected_cb: ClientCallback) -> Listener:
         """Serve ``client_connected_cb(reader, writer)`` on the named socket.
 
-        Accepting starts when ``start()`` has returned (at once if called later):
-        a generation whose ``start()`` fails has accepted no connection that
-        could be lost when it is killed. The runtime pauses, resumes and drains the
-        returned listener during swaps and counts its connections in flight, so
-        a bundle that serves through this loses no connection when it is
-        upgraded. The result may be awaited (``await ctx.serve(...)``) or not.
+        Accepting starts once ``start()`` has returned (at once if called after
+        that), wherever ``serve()`` is called: a generation that fails before
+        it is ready has accepted no connection that could be lost. The runtime
+        pauses, resumes and drains the returned listener during swaps and counts
+        its connections in flight, so a bundle that serves through this loses
+        no connection when it is upgraded. The result may be awaited
+        (``await ctx.serve(...)``) or not.
         """
         try:
             sock = self.sockets[socket_name]
@@ -57,6 +58,6 @@ class BundleContext:
                 f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
             ) from None
         listener = Listener(socket_name, sock, client_connected_cb, self.log,
-                            accepting=not self.starting)
+                            accepting=self.started)
         self.listeners.append(listener)
         return listener

@@ -97,6 +97,8 @@ class Listener:
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no connection is in flight, False if ``timeout`` passed first."""
+        if not self._tasks:
+            return True  # wait_for(..., 0) would time out even on a set event
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

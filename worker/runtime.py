@@ -10,15 +10,16 @@ obeys the supervisor's requests until it is retired or the supervisor is gone.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.machinery
 import inspect
 import json
 import logging
 import os
 import pickle
+import select
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,15 +30,21 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from . import importer
 from . import protocol as P
 from .context import BundleContext
+
+#: Seconds a worker's loop gets to exit by itself once the supervisor is gone,
+#: before its watchdog kills the worker's whole process group.
+ORPHAN_GRACE = 1.0
 
 
 def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int) -> int:
     """Run the worker to its end and return its exit code."""
     path = Path(spec["path"])
     sys.argv = [f"hotsup:{spec['bundle']}@{spec['generation']}"]  # not the zygote's arguments
-    _import_bundle_from_source(path)
+    importer.install(path)
+    _start_watchdog(lifeline)
     log = _setup_logging(spec)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -48,43 +55,26 @@ def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int) -> 
         logging.shutdown()
 
 
+def _start_watchdog(lifeline: int) -> None:
+    """If the supervisor dies, the worker must go, even with its loop blocked.
+
+    The loop watches the lifeline and exits cleanly; this thread is the
+    backstop: ORPHAN_GRACE after EOF it kills the worker's process group,
+    which takes whatever the bundle forked along.
+    """
+
+    def watch() -> None:
+        select.select([lifeline], [], [])  # nobody writes: readable means EOF
+        time.sleep(ORPHAN_GRACE)  # the grace deadline, then the kill
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="hotsup-watchdog", daemon=True).start()
+
+
 async def _main(
     spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int, log: logging.Logger
 ) -> int:
     return await Worker(spec, sockets, lifeline, log).run()
-
-
-class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
-    """Compiles from source every time and never writes bytecode.
-
-    A file rewritten at the same size within the same second passes the
-    mtime-and-size check of its cached ``.pyc``, and the old code would be
-    served. ``path_stats`` failing makes ``get_code`` skip the cache both ways.
-    """
-
-    def path_stats(self, path: str) -> dict[str, Any]:
-        raise OSError("hotsup: bundle code is always compiled from source")
-
-
-def _import_bundle_from_source(bundle_dir: Path) -> None:
-    """Put the bundle first on sys.path, its modules loaded by _SourceOnlyLoader."""
-    root = os.path.realpath(bundle_dir)
-    source = (_SourceOnlyLoader, importlib.machinery.SOURCE_SUFFIXES)
-    extensions = (
-        importlib.machinery.ExtensionFileLoader,
-        importlib.machinery.EXTENSION_SUFFIXES,
-    )
-    make_finder = importlib.machinery.FileFinder.path_hook(extensions, source)
-
-    def hook(entry: str) -> Any:
-        real = os.path.realpath(entry or ".")
-        if real != root and not real.startswith(root + os.sep):
-            raise ImportError("not a bundle path")
-        return make_finder(entry)
-
-    sys.path_hooks.insert(0, hook)
-    sys.path_importer_cache.clear()
-    sys.path.insert(0, str(bundle_dir))
 
 
 class _JsonLineHandler(logging.Handler):
@@ -126,14 +116,6 @@ def _setup_logging(spec: P.SpawnSpec) -> logging.Logger:
     root.addHandler(_JsonLineHandler(spec["bundle"], spec["generation"]))
     root.setLevel(spec["log_level"].upper())
     return logging.getLogger(f"hotsup.bundle.{spec['bundle']}")
-
-
-def _resolve_entry(entry: str) -> Any:
-    module_name, _, attribute = entry.partition(":")
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    return target
 
 
 class Worker:
@@ -205,7 +187,12 @@ class Worker:
             await asyncio.gather(receiver, return_exceptions=True)
 
     def _load(self) -> Any:
-        entry = _resolve_entry(self.spec["entry"])
+        shadowed = importer.shadowed(Path(self.spec["path"]), importer.loaded_modules())
+        if shadowed:
+            raise ImportError(
+                "; ".join(shadowed) + ": rename the bundle's module (the worker already "
+                "imported a module of that name, so the bundle's would never be loaded)")
+        entry = importer.resolve(self.spec["entry"])
         if self.spec["kind"] != "service":
             raise RuntimeError(f"bundle kind {self.spec['kind']!r} is not supported by this worker")
         bundle = entry(self.ctx)
@@ -266,17 +253,14 @@ class Worker:
     # -- requests -------------------------------------------------------------
 
     async def _start(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
-        self.ctx.starting = True
-        try:
-            if payload is not None:
-                # The snapshot came from the previous generation of this same
-                # bundle, relayed by the supervisor over the owner-only channel
-                # that this worker authenticated to.
-                state = pickle.loads(payload)
-                await _maybe_await(self.bundle.restore(state))
-            await _maybe_await(self.bundle.start())
-        finally:
-            self.ctx.starting = False
+        if payload is not None:
+            # The snapshot came from the previous generation of this same
+            # bundle, relayed by the supervisor over the owner-only channel
+            # that this worker authenticated to.
+            state = pickle.loads(payload)
+            await _maybe_await(self.bundle.restore(state))
+        await _maybe_await(self.bundle.start())
+        self.ctx.started = True
         for listener in self.ctx.listeners:  # ready: now accept
             listener.resume()
         if self.sockets and not self.ctx.listeners:

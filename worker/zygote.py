@@ -71,6 +71,10 @@ class Zygote:
             data, fds, _flags, _addr = socket.recv_fds(self.channel, P.MAX_ZYGOTE_MESSAGE, _MAX_FDS)
         except (ConnectionResetError, BrokenPipeError):
             return False
+        for fd in fds:
+            # SCM_RIGHTS fds arrive inheritable: a program the bundle runs must
+            # not hold its listening socket (it would keep the port open).
+            os.set_inheritable(fd, False)
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("preload", nargs="*")
     args = parser.parse_args(argv)
     channel = socket.socket(fileno=args.channel)
+    os.set_inheritable(args.lifeline, False)  # pass_fds made it inheritable
     for name in args.preload:
         try:
             importlib.import_module(name)
