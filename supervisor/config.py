@@ -437,6 +437,9 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     factory = _bool(data, "factory", "", problems)
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
+    if mp_logging:
+        problems.add("multiprocessing_logging", "not supported yet: a bundle's forked helpers "
+                     "log through the worker's pipe already; remove the key")
     settings = _table(data, "settings", problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
     timing = _timing(data, config.defaults, "", problems)

@@ -133,7 +133,7 @@ def valid_setup(tmp_path: Path) -> Path:
     make_bundle(tmp_path / "bundles" / "beta", """
         entry = "pkg.mod:make"
         factory = true
-        multiprocessing_logging = true
+        multiprocessing_logging = false
         [sockets.main]
         bind = "localhost:8102"
         [sockets.local]
@@ -215,7 +215,7 @@ def test_drop_in_and_declared_bundle_specs(valid_setup: Path) -> None:
     beta = load_bundle(sources["beta"], config)
     assert beta.entry == "pkg.mod:make"
     assert beta.factory is True
-    assert beta.multiprocessing_logging is True
+    assert beta.multiprocessing_logging is False
     assert beta.timing == config.defaults
     by_name = {s.name: s for s in beta.sockets}
     assert (by_name["main"].host, by_name["main"].port) == ("127.0.0.1", 8102)
@@ -834,3 +834,12 @@ def test_check_reports_a_module_the_worker_runtime_shadows(tmp_path: Path) -> No
     problems = check(make_config(tmp_path))
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{bundle / 'token.py'} is shadowed by the module 'token'")
+
+
+def test_multiprocessing_logging_is_refused_until_it_is_built(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundles" / "mp",
+                         'entry = "app:App"\nmultiprocessing_logging = true\n')
+    problems = check(make_config(tmp_path))
+    assert problems == [f"{bundle / 'bundle.toml'}: multiprocessing_logging: not supported yet: "
+                        "a bundle's forked helpers log through the worker's pipe already; "
+                        "remove the key"]
