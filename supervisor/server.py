@@ -172,7 +172,11 @@ class Supervisor:
 
     async def _close_all(self) -> None:
         runners, self.runners = list(self.runners.values()), {}
-        await asyncio.gather(*(runner.close() for runner in runners), *self._removing)
+        results = await asyncio.gather(*(runner.close() for runner in runners), *self._removing,
+                                       return_exceptions=True)
+        for result in results:  # one bundle's failure must not stop the others' shutdown
+            if isinstance(result, BaseException):
+                log.error("while closing a bundle: %r", result, exc_info=result)
 
     def _watch_roots(self) -> list[Path]:
         roots = [self.config.bundles_dir] if self.config.bundles_dir is not None else []

@@ -213,8 +213,9 @@ class BundleRunner:
         for gen in list(self._gens.values()):
             if gen.state in (S.READY, S.PAUSED):
                 self._retire_later(gen)
-            elif gen.state is not S.RETIRING:  # retiring ones are awaited below
+            elif gen.state in (S.SPAWNING, S.LOADED, S.FAILED):  # FAILED: a discard cut short
                 await self._discard(gen, "shutting down")
+            # RETIRING and EXITED: their retire task, awaited below, finishes them
         while self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self.svc.sockets.release_unused(self.name, [])

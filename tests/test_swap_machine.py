@@ -32,6 +32,7 @@ class Script:
     fail: dict[str, str] = field(default_factory=dict)  # op -> error message
     hang: set[str] = field(default_factory=set)  # ops that never answer
     exit_after: set[str] = field(default_factory=set)  # ops answered, then the process dies
+    hold_close: bool = False  # close() waits for `released` (its log pipe still draining)
 
 
 class FakeWorker:
@@ -43,6 +44,8 @@ class FakeWorker:
         self.calls: list[str] = []
         self.restored: bytes | None = None
         self.killed = False
+        self.closing = False
+        self.released = asyncio.Event()
 
     async def wait_loaded(self, timeout: float) -> dict[str, Any]:
         if self.script.load_error:
@@ -80,7 +83,9 @@ class FakeWorker:
         return "was killed by SIGKILL" if self.killed else "exited with code 1"
 
     async def close(self) -> None:
-        pass
+        self.closing = True
+        if self.script.hold_close:
+            await self.released.wait()
 
 
 class World:
@@ -350,6 +355,21 @@ def test_close_during_a_swap_cleans_up_every_generation(tmp_path: Path) -> None:
         assert world.workers[1].calls[-1] == "retire"
         assert world.runner.state is BundleState.STOPPED
     run(test, tmp_path, "start_timeout = 5.0\n")
+
+
+def test_close_while_a_retired_generation_is_being_forgotten(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(hold_close=True)
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(lambda: world.workers[1].closing, "generation 1 exited, being forgotten")
+        assert world.runner._gens[1].state is GenState.EXITED
+        closing = asyncio.ensure_future(world.runner.close())
+        await until(lambda: world.workers[2].calls[-1:] == ["retire"], "generation 2 retiring")
+        world.workers[1].released.set()
+        await closing
+        assert world.runner.state is BundleState.STOPPED and not world.runner._gens
+    run(test, tmp_path)
 
 
 def test_illegal_moves_are_refused(tmp_path: Path) -> None:

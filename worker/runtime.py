@@ -187,14 +187,14 @@ class Worker:
             await asyncio.gather(receiver, return_exceptions=True)
 
     def _load(self) -> Any:
+        if self.spec["kind"] != "service":
+            raise RuntimeError(f"bundle kind {self.spec['kind']!r} is not supported by this worker")
         shadowed = importer.shadowed(Path(self.spec["path"]), importer.loaded_modules())
         if shadowed:
             raise ImportError(
                 "; ".join(shadowed) + ": rename the bundle's module (the worker already "
                 "imported a module of that name, so the bundle's would never be loaded)")
         entry = importer.resolve(self.spec["entry"])
-        if self.spec["kind"] != "service":
-            raise RuntimeError(f"bundle kind {self.spec['kind']!r} is not supported by this worker")
         bundle = entry(self.ctx)
         if not callable(getattr(bundle, "start", None)):
             raise TypeError(f"{self.spec['entry']} made {bundle!r}, which has no start() method")
@@ -233,7 +233,9 @@ class Worker:
         else:
             try:
                 result = await handler(header, payload)
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # a bundle's sys.exit() in start() is a failure too
                 text = "".join(traceback.format_exception(exc)).rstrip()
                 self.log.error("%s failed: %s", header["op"], text)
                 reply.update(ok=False, error=_one_line(exc), detail=text)
