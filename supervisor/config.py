@@ -127,17 +127,31 @@ class Config:
 
 def discover(bundles_dir: Path) -> list[str]:
     """Names of the bundle directories (those with a bundle.toml) in bundles_dir."""
+    return [entry.name for entry in _candidates(bundles_dir) if _NAME.match(entry.name)]
+
+
+def misnamed(bundles_dir: Path) -> list[str]:
+    """Problems with bundle directories that discover() must skip for their name."""
+    return [f"{entry}: a bundle name may use letters, digits, _ . and - (skipped)"
+            for entry in _candidates(bundles_dir) if not _NAME.match(entry.name)]
+
+
+def _candidates(bundles_dir: Path) -> list[Path]:
+    """Directories of bundles_dir with a bundle.toml; unreadable ones are skipped."""
     try:
         entries = sorted(bundles_dir.iterdir())
-    except FileNotFoundError:
+    except OSError:  # gone, or not readable: nothing to run from it
         return []
-    return [
-        entry.name
-        for entry in entries
-        if _NAME.match(entry.name)
-        and not entry.name.startswith(".")
-        and (entry / MANIFEST).is_file()
-    ]
+    found = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if (entry / MANIFEST).is_file():
+                found.append(entry)
+        except OSError:
+            continue  # a directory we may not read is not a bundle we can run
+    return found
 
 
 # -- validation helpers ---------------------------------------------------------
@@ -483,22 +497,24 @@ def _sockets(
     return tuple(specs)
 
 
-def _zygote_modules(preload: tuple[str, ...]) -> dict[str, str | None]:
-    """The modules a worker starts with (name -> file): those a fresh zygote imports."""
+def _zygote_modules(preload: tuple[str, ...]) -> tuple[dict[str, str | None], dict[str, str]]:
+    """What a fresh zygote imports (name -> file), and the preloads it cannot import."""
     probe = ("import importlib, json, sys\n"
              "import hotsup.worker.zygote\n"
              "from hotsup.worker.importer import loaded_modules\n"
+             "errors = {}\n"
              "for name in sys.argv[1:]:\n"
              "    try: importlib.import_module(name)\n"
-             "    except Exception: pass\n"
-             "print(json.dumps(loaded_modules()))\n")
+             "    except BaseException as exc: errors[name] = f'{type(exc).__name__}: {exc}'\n"
+             "print(json.dumps([loaded_modules(), errors]))\n")
     try:
         result = subprocess.run([sys.executable, "-P", "-c", probe, *preload],
                                 capture_output=True, text=True, timeout=60, check=True)
-        modules: dict[str, str | None] = json.loads(result.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        modules = importer.loaded_modules()  # close: this process imports the runtime too
-    return modules
+        modules, errors = json.loads(result.stdout.splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        # close enough: this process imported the runtime too
+        return importer.loaded_modules(), {}
+    return modules, errors
 
 
 def _module_exists(bundle_dir: Path, module: str) -> bool:
@@ -528,8 +544,16 @@ def check(config_path: Path) -> list[str]:
         return exc.problems
     problems: list[str] = []
     owners: dict[str, str] = {}
-    zygote_modules = _zygote_modules(config.preload)
-    for name, source in sorted(config.sources().items()):
+    sources = config.sources()
+    zygote_modules, preload_errors = _zygote_modules(config.preload)
+    in_bundles = {module for module in config.preload for source in sources.values()
+                  if _module_exists(source.path, module.split(".")[0])}
+    problems.extend(f"{config.path}: supervisor.preload: cannot import {name!r}: {error}"
+                    for name, error in preload_errors.items()
+                    if name not in in_bundles)  # that one gets its own message below
+    if config.bundles_dir is not None:
+        problems.extend(misnamed(config.bundles_dir))
+    for name, source in sorted(sources.items()):
         try:
             spec = load_bundle(source, config)
         except ConfigError as exc:

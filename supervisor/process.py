@@ -32,9 +32,10 @@ REPLY_GRACE = 0.25
 class WorkerError(Exception):
     """A worker failed: could not load, answered a request with an error, died, or timed out."""
 
-    def __init__(self, message: str, detail: str = "") -> None:
+    def __init__(self, message: str, detail: str = "", kind: str = "") -> None:
         super().__init__(message)
         self.detail = detail
+        self.kind = kind  # the worker's exception type, when it answered with one
 
 
 class WorkerProcess:
@@ -113,7 +114,8 @@ class WorkerProcess:
             if future in done:
                 header, data = future.result()
                 if not header.get("ok"):
-                    raise WorkerError(f"{op}: {header.get('error')}", header.get("detail", ""))
+                    raise WorkerError(f"{op}: {header.get('error')}", header.get("detail", ""),
+                                      str(header.get("error_type", "")))
                 return header, data
             if self.exited in done:
                 raise WorkerError(f"{op}: the worker {await self.describe_exit()}")

@@ -28,11 +28,11 @@ import zmq
 import zmq.asyncio
 
 from .channel import WorkerChannel
-from .config import BundleSource, Config
+from .config import BundleSource, Config, misnamed
 from .logs import LogSink, SinkHandler
 from .process import WorkerProcess
 from .sockets import SocketRegistry
-from .swap import BundleRunner, Services
+from .swap import BundleRunner, BundleState, Services
 from .watcher import Watcher, adigest
 from .zygote import Zygote, ZygoteError, lifeline
 
@@ -73,7 +73,8 @@ class Supervisor:
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self._services: Services | None = None
         self._stopping = False
-        self._removing: set[asyncio.Task[None]] = set()
+        self._removing: dict[str, asyncio.Task[None]] = {}  # bundles draining away
+        self._told: set[str] = set()  # warnings already given
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
@@ -115,13 +116,15 @@ class Supervisor:
             # One step of the watcher task sets up its inotify watches (before
             # its first await), so no edit made once a bundle serves is missed.
             await asyncio.sleep(0)
-            for source in config.sources().values():
-                self._add(source)
+            self._rescan()
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while not self._stopping:
                 command = await self.commands.get()
-                await self._dispatch[type(command)](command)
+                try:
+                    await self._dispatch[type(command)](command)
+                except Exception:  # one bad command must not take every bundle down
+                    log.exception("failed to handle %r", command)
         log.info("hotsup stopped")
         return 0
 
@@ -145,18 +148,38 @@ class Supervisor:
             self._rescan()
 
     def _rescan(self) -> None:
-        """Look at bundles_dir again: start new drop-ins, retire removed ones."""
+        """Look at bundles_dir again: retire removed bundles, start new ones.
+
+        Removals first, so a renamed bundle's port is on its way back. A name
+        whose old runner still drains is started once that runner closed its
+        sockets; then bundles that failed (on a port the old one held, say)
+        are tried again.
+        """
         present = self.config.sources()
-        for name, source in present.items():
-            if name not in self.runners:
-                log.info("%s: new bundle in %s", name, source.path)
-                self._add(source)
+        if self.config.bundles_dir is not None:
+            for problem in misnamed(self.config.bundles_dir):
+                if problem not in self._told:
+                    self._told.add(problem)
+                    log.warning("%s", problem)
         for name in [n for n in self.runners if n not in present]:
             log.info("%s: bundle directory removed; retiring it", name)
             # Draining may take drain_timeout: not in the command loop.
             task = asyncio.ensure_future(self.runners.pop(name).close())
-            self._removing.add(task)
-            task.add_done_callback(self._removing.discard)
+            self._removing[name] = task
+            task.add_done_callback(functools.partial(self._removed, name))
+        for name, source in present.items():
+            if name not in self.runners and name not in self._removing:
+                log.info("%s: new bundle in %s", name, source.path)
+                self._add(source)
+
+    def _removed(self, name: str, _: object) -> None:
+        self._removing.pop(name, None)
+        if self._stopping:
+            return
+        for runner in self.runners.values():
+            if runner.state is BundleState.FAILED:
+                runner.request(force=True)
+        self._rescan()
 
     async def _on_shutdown(self, command: Shutdown) -> None:
         log.info("shutting down (%s): draining every bundle", command.reason)
@@ -172,7 +195,8 @@ class Supervisor:
 
     async def _close_all(self) -> None:
         runners, self.runners = list(self.runners.values()), {}
-        results = await asyncio.gather(*(runner.close() for runner in runners), *self._removing,
+        results = await asyncio.gather(*(runner.close() for runner in runners),
+                                       *self._removing.values(),
                                        return_exceptions=True)
         for result in results:  # one bundle's failure must not stop the others' shutdown
             if isinstance(result, BaseException):

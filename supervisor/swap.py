@@ -45,6 +45,10 @@ STOP_GRACE = 5.0
 #: Crash restarts back off from this delay, doubling, up to BACKOFF_MAX.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
+#: A hand-over that found connections still in flight is tried again after
+#: BUSY_RETRY_FIRST seconds, doubling, BUSY_RETRIES times at most.
+BUSY_RETRY_FIRST = 2.0
+BUSY_RETRIES = 3
 
 
 class GenState(enum.Enum):
@@ -84,7 +88,15 @@ class IllegalMove(RuntimeError):
 
 
 class SwapAborted(Exception):
-    """The swap could not complete; the old generation (if any) keeps serving."""
+    """The swap could not complete; the old generation (if any) keeps serving.
+
+    ``transient``: nothing was wrong with the new code (the old generation had
+    connections in flight), so the same content is worth another try.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Worker(Protocol):
@@ -167,6 +179,8 @@ class BundleRunner:
         self._gens: dict[int, Generation] = {}  # every generation not yet reaped
         self._retiring: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._busy_retries = 0
+        self._retry: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start the bundle's loop; its first pass starts generation 1."""
@@ -205,6 +219,8 @@ class BundleRunner:
         """Stop the loop (cutting short a swap or a backoff), retire every serving
         generation (drain, stop(), exit), kill the others, release the sockets."""
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -247,6 +263,8 @@ class BundleRunner:
             return  # the directory is gone; the supervisor removes us
         if not force and digest == self._tried:
             return
+        if digest != self._tried:
+            self._busy_retries = 0
         self._tried = digest
         try:
             spec = load_bundle(self.source, self.svc.config)
@@ -299,16 +317,21 @@ class BundleRunner:
                 await self._begin(new, None)
         except Exception as exc:
             await self._discard(new, str(exc))
-            if old.state is S.PAUSED:
-                await self._resume(old, snapshot)
+            resumed = old.state is not S.PAUSED or await self._resume(old, snapshot)
             if not isinstance(exc, SwapAborted):
                 raise  # a bug: run() logs it; the old generation is serving again
-            self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}",
-                         BundleState.RUNNING)
+            if resumed:
+                again = self._retry_later() if exc.transient else ""
+                self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}"
+                             f"{again}", BundleState.RUNNING)
+            else:
+                self._report(f"swap to {new.tag} rolled back: {exc}; {old.tag} could not "
+                             f"resume and is restarted", BundleState.STARTING)
             return
         ready_at = time.monotonic()
         self._make_current(new, spec)
         self.last_error = None
+        self._busy_retries = 0
         self.swaps += 1
         self.last_swap_ms = (ready_at - started) * 1000
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
@@ -393,15 +416,21 @@ class BundleRunner:
                 P.OP_PAUSE, timing.quiesce_timeout + STOP_GRACE,
                 quiesce_timeout=timing.quiesce_timeout, snapshot=True)
         except WorkerError as exc:
-            raise SwapAborted(f"{gen.tag} could not hand over its state: {exc}") from None
+            raise SwapAborted(f"{gen.tag} could not hand over its state: {exc}",
+                              transient=exc.kind == "Busy") from None
         if snapshot is None:
             raise SwapAborted(f"{gen.tag} sent no snapshot")
         return snapshot
 
-    async def _resume(self, gen: Generation, snapshot: bytes | None) -> None:
-        """PAUSED -> READY; a generation that cannot resume is restarted instead."""
+    async def _resume(self, gen: Generation, snapshot: bytes | None) -> bool:
+        """PAUSED -> READY; False if it could not, and is being restarted instead."""
+        timing = gen.spec.timing
+        # The worker answers in order: a resume waits behind a pause whose
+        # snapshot() is still running (slower than quiesce_timeout), so it
+        # gets that long again and start_timeout on top before we give up.
+        deadline = timing.quiesce_timeout + STOP_GRACE + timing.start_timeout
         try:
-            await gen.process.call(P.OP_RESUME, gen.spec.timing.quiesce_timeout)
+            await gen.process.call(P.OP_RESUME, deadline)
         except WorkerError as exc:
             # Frozen, or still inside snapshot(). Kill it: its exit wakes the
             # loop, which restarts the bundle, from this snapshot if we have
@@ -410,8 +439,9 @@ class BundleRunner:
             if snapshot is not None:
                 self._last_state = snapshot
             gen.process.kill()
-            return
+            return False
         self._move(gen, S.READY)
+        return True
 
     def _retire_later(self, gen: Generation) -> None:
         task = asyncio.ensure_future(self._retire(gen))
@@ -464,6 +494,15 @@ class BundleRunner:
         # could read a file in mid-write.
         if gen is self.current and not self._closed:
             self._wake.set()
+
+    def _retry_later(self) -> str:
+        """Schedule another try of the same content; what to add to the report."""
+        if self._busy_retries >= BUSY_RETRIES:
+            return f"; gave up after {BUSY_RETRIES} tries (SIGHUP or an edit tries again)"
+        delay = BUSY_RETRY_FIRST * 2 ** self._busy_retries
+        self._busy_retries += 1
+        self._retry = asyncio.get_running_loop().call_later(delay, self.request, True)
+        return f"; trying again in {delay:g}s"
 
     def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
         self.current = gen

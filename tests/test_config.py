@@ -843,3 +843,32 @@ def test_multiprocessing_logging_is_refused_until_it_is_built(tmp_path: Path) ->
     assert problems == [f"{bundle / 'bundle.toml'}: multiprocessing_logging: not supported yet: "
                         "a bundle's forked helpers log through the worker's pipe already; "
                         "remove the key"]
+
+
+def test_check_reports_a_preload_that_cannot_be_imported(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, '[supervisor]\npreload = ["no_such_module_xyz"]\n')
+    problems = check(cfg)
+    assert problems == [f"{cfg}: supervisor.preload: cannot import 'no_such_module_xyz': "
+                        "ModuleNotFoundError: No module named 'no_such_module_xyz'"]
+
+
+def test_check_names_a_bundle_directory_it_must_skip(tmp_path: Path) -> None:
+    make_bundle(tmp_path / "bundles" / "my bundle", 'entry = "app:App"\n')
+    problems = check(make_config(tmp_path))
+    assert problems == [f"{tmp_path / 'bundles' / 'my bundle'}: a bundle name may use letters, "
+                        "digits, _ . and - (skipped)"]
+
+
+def test_discover_skips_an_unreadable_directory(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    make_bundle(tmp_path / "ok", 'entry = "app:App"\n')
+    make_bundle(tmp_path / "private", 'entry = "app:App"\n')
+    real = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self.parent.name == "private":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert discover(tmp_path) == ["ok"]

@@ -117,6 +117,41 @@ def test_changing_the_bind_address_moves_the_bundle(hotsup: MakeHotsup) -> None:
     assert sup.stop() == 0
 
 
+def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nquiesce_timeout = 0.5\n")
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        idle.sendall(b"get\n")
+        assert idle.recv(100).startswith(b"count=0")  # accepted, and now just open
+        save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
+        line = sup.wait_log(r"swap to counter@2 rolled back, counter@1 keeps serving: .*")
+        assert "1 connection(s) still in flight after 0.5s; trying again in 2s" in line, line
+        assert request(port).startswith("count=1 generation=1")
+    finally:
+        idle.close()
+    sup.wait_log(r"counter@\d: swapped from counter@1")
+    assert request(port) == "count=2 generation=3 tag=v1"
+    assert sup.stop() == 0
+
+
+def test_a_renamed_bundle_keeps_its_port(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "old", counter_source("v0"), port)
+    sup.start()
+    sup.wait_log(r"old@1: serving")
+    os.rename(sup.bundles / "old", sup.bundles / "new")
+    sup.wait_log(r"old@1: retired")
+    wait_for(lambda: port_open(port) and request(port).endswith("tag=v0"), 10.0,
+             "the renamed bundle to serve on the same port")
+    assert "new@" in sup.wait_log(r"new@\d: serving")
+    assert sup.stop() == 0
+
+
 def test_a_killed_worker_is_restarted(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     port = free_port()

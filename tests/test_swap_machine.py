@@ -33,6 +33,7 @@ class Script:
     hang: set[str] = field(default_factory=set)  # ops that never answer
     exit_after: set[str] = field(default_factory=set)  # ops answered, then the process dies
     hold_close: bool = False  # close() waits for `released` (its log pipe still draining)
+    busy: int = 0  # this many pauses find connections still in flight
 
 
 class FakeWorker:
@@ -61,6 +62,9 @@ class FakeWorker:
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
         if op in self.script.fail:
             raise WorkerError(f"{op}: {self.script.fail[op]}")
+        if op == "pause" and self.script.busy > 0:
+            self.script.busy -= 1
+            raise WorkerError("pause: Busy: 1 connection(s) still in flight", kind="Busy")
         if op == "start":
             self.restored = payload
         if op == "retire" or op in self.script.exit_after:
@@ -215,6 +219,23 @@ def test_a_failing_snapshot_aborts_the_swap(tmp_path: Path) -> None:
         assert world.workers[2].killed and world.workers[2].calls == []
         assert world.workers[1].calls == ["start", "pause", "resume"]
         assert "cannot pickle" in (world.runner.last_error or "")
+    run(test, tmp_path)
+
+
+def test_a_hand_over_blocked_by_busy_connections_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swap, "BUSY_RETRY_FIRST", 0.01)
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(busy=2)
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 4), "the third try, once the connections went")
+        await until(lambda: world.workers[1].exited.done(), "generation 1 retired")
+        assert world.workers[1].calls == ["start", "pause", "resume", "pause", "resume",
+                                          "pause", "retire"]
+        assert world.workers[4].restored == b"state of 1"
     run(test, tmp_path)
 
 

@@ -238,7 +238,8 @@ class Worker:
             except BaseException as exc:  # a bundle's sys.exit() in start() is a failure too
                 text = "".join(traceback.format_exception(exc)).rstrip()
                 self.log.error("%s failed: %s", header["op"], text)
-                reply.update(ok=False, error=_one_line(exc), detail=text)
+                reply.update(ok=False, error=_one_line(exc), detail=text,
+                             error_type=type(exc).__name__)
             else:
                 reply["ok"] = True
                 if isinstance(result, bytes):
@@ -277,7 +278,7 @@ class Worker:
         timeout = float(header.get("quiesce_timeout", 5.0))
         if not await self._wait_idle(timeout):
             busy = sum(listener.inflight for listener in self.ctx.listeners)
-            raise TimeoutError(f"{busy} connection(s) still in flight after {timeout:g}s")
+            raise Busy(f"{busy} connection(s) still in flight after {timeout:g}s")
         if header.get("snapshot"):
             return self._take_snapshot()
         return {"quiesce_ms": (time.monotonic() - started) * 1000}
@@ -334,6 +335,10 @@ class Worker:
 
 
 _HOOKS = ("snapshot", "restore", "stop")
+
+
+class Busy(TimeoutError):
+    """Connections still in flight when a pause's quiesce_timeout passed."""
 
 
 async def _maybe_await(value: Any) -> Any:
