@@ -144,7 +144,8 @@ class Supervisor:
             root = runner.source.path
             if any(p == root or root in p.parents for p in command.paths):
                 runner.request()
-        if bundles_dir is not None and any(bundles_dir in p.parents for p in command.paths):
+        if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
+                                           for p in command.paths):
             self._rescan()
 
     def _rescan(self) -> None:

@@ -38,6 +38,9 @@ _STEP_MS = 5
 #: Seconds of silence after a batch before the same places are reported again.
 RECHECK_AFTER = 1.0
 
+#: Seconds between looks for a watched directory that was deleted.
+ROOT_POLL = 0.5
+
 _IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache",
                  ".ruff_cache", "node_modules"}
 _IGNORED_SUFFIXES = (".pyc", ".pyo", "~", ".swp", ".swx", ".swo", ".tmp", ".bak")
@@ -87,11 +90,13 @@ class Watcher:
 
     def __init__(self, roots: list[Path], quiet_ms: int, batch_ms: int,
                  on_batch: Callable[[set[Path]], None]) -> None:
-        self._roots = [r for r in roots if r.is_dir()]
+        self._roots = roots
         self._quiet = max(0.0, (quiet_ms - _STEP_MS) / 1000)
         self._batch_ms = batch_ms
         self._on_batch = on_batch
-        self._stop = asyncio.Event()
+        self._stopped = False
+        self._cycle = asyncio.Event()  # set: watch again from scratch (or stop)
+        self._gone: set[Path] = set()  # roots deleted since they were last watched
         self._pending: set[Path] = set()
         self._first: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -99,21 +104,57 @@ class Watcher:
         self._recheck_paths: set[Path] = set()
 
     async def run(self) -> None:
-        if not self._roots:
-            return
+        """Watch until stop(). A root that is deleted is watched again once it is back."""
         try:
-            async for changes in watchfiles.awatch(
-                *self._roots, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
-                stop_event=self._stop, recursive=True, ignore_permission_denied=True,
-            ):
-                self._add({Path(p) for _, p in changes})
+            while not self._stopped:
+                self._cycle = asyncio.Event()
+                present = [root for root in self._roots if root.is_dir()]
+                missing = [root for root in self._roots if root not in present]
+                for root in self._gone.intersection(present):
+                    log.info("watching %s again", root)
+                    self._add({root})  # its content may differ: look at it
+                self._gone.difference_update(present)
+                poll = asyncio.ensure_future(self._await_return(missing)) if missing else None
+                try:
+                    if present:
+                        await self._watch(present)
+                    else:
+                        await self._cycle.wait()
+                finally:
+                    if poll is not None:
+                        poll.cancel()
+                        await asyncio.gather(poll, return_exceptions=True)
         finally:
             for timer in (self._timer, self._recheck):
                 if timer is not None:
                     timer.cancel()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
+        self._cycle.set()
+
+    async def _watch(self, roots: list[Path]) -> None:
+        async for changes in watchfiles.awatch(
+            *roots, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
+            stop_event=self._cycle, recursive=True, ignore_permission_denied=True,
+        ):
+            self._add({Path(p) for _, p in changes})
+            gone = {Path(p) for change, p in changes if change == watchfiles.Change.deleted}
+            gone = gone.intersection(roots) | {root for root in roots if not root.is_dir()}
+            if gone:
+                # inotify watches die with their directory: one that is back
+                # (or comes back) would be deaf. Watch anew; poll while gone.
+                log.info("%s was removed; watching for it", ", ".join(sorted(map(str, gone))))
+                self._gone |= gone
+                self._cycle.set()
+
+    async def _await_return(self, missing: list[Path]) -> None:
+        """Poll for deleted roots: no event says a watched directory came back."""
+        while True:
+            await asyncio.sleep(ROOT_POLL)
+            if any(root.is_dir() for root in missing):
+                self._cycle.set()  # run() watches it again
+                return
 
     def _add(self, paths: set[Path]) -> None:
         loop = asyncio.get_running_loop()

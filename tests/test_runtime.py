@@ -152,6 +152,29 @@ def test_a_renamed_bundle_keeps_its_port(hotsup: MakeHotsup) -> None:
     assert sup.stop() == 0
 
 
+def test_a_declared_bundle_whose_directory_is_replaced_is_still_watched(
+    hotsup: MakeHotsup,
+) -> None:
+    sup = hotsup()
+    port = free_port()
+    api = write_bundle(sup.root / "svc" / "api", counter_source("v0"), port)
+    with sup.config.open("a") as config:
+        config.write('\n[bundles.api]\npath = "svc/api"\n')
+    sup.start()
+    sup.wait_log(r"api@1: serving")
+    staged = sup.root / "staged-api"
+    shutil.copytree(api, staged)
+    shutil.rmtree(api)
+    shutil.copytree(staged, api)  # the same content again: nothing to swap
+    assert request(port).endswith("tag=v0")
+    # the watch on svc/api died with the old directory; it must come back
+    sup.wait_log(r"watching .*svc/api again")
+    save(api / "counter.py", counter_source("v1"))
+    sup.wait_log(r"api@2: swapped")
+    assert request(port).endswith("tag=v1")
+    assert sup.stop() == 0
+
+
 def test_a_killed_worker_is_restarted(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     port = free_port()
