@@ -10,6 +10,7 @@ obeys the supervisor's requests until it is retired or the supervisor is gone.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import json
 import logging
@@ -173,7 +174,7 @@ class Worker:
         try:
             self.bundle = self._load()
         except BaseException as exc:
-            text = "".join(traceback.format_exception(exc)).rstrip()
+            text = _bundle_traceback(exc)
             self.log.error("cannot load %s: %s", self.spec["entry"], text)
             await self._send({"op": P.OP_FAILED, "error": _one_line(exc), "detail": text})
             return P.EXIT_LOAD_ERROR
@@ -236,7 +237,7 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # a bundle's sys.exit() in start() is a failure too
-                text = "".join(traceback.format_exception(exc)).rstrip()
+                text = _bundle_traceback(exc)
                 self.log.error("%s failed: %s", header["op"], text)
                 reply.update(ok=False, error=_one_line(exc), detail=text,
                              error_type=type(exc).__name__)
@@ -345,6 +346,16 @@ async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+def _bundle_traceback(exc: BaseException) -> str:
+    """The traceback of a bundle's error, without hotsup's and importlib's frames."""
+    ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+            os.path.dirname(importlib.__file__) + os.sep, "<frozen importlib")
+    summary = traceback.TracebackException.from_exception(exc)
+    summary.stack = traceback.StackSummary.from_list(
+        [frame for frame in summary.stack if not frame.filename.startswith(ours)])
+    return "".join(summary.format()).rstrip()
 
 
 def _one_line(exc: BaseException) -> str:
