@@ -73,7 +73,7 @@ class Supervisor:
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self._services: Services | None = None
         self._stopping = False
-        self._removing: dict[str, asyncio.Task[None]] = {}  # bundles draining away
+        self._removing: set[asyncio.Task[None]] = set()  # bundles draining away
         self._told: set[str] = set()  # warnings already given
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -112,6 +112,7 @@ class Supervisor:
             watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
                               self._files_changed)
             watch_task = asyncio.ensure_future(watcher.run())
+            watch_task.add_done_callback(self._watcher_ended)
             stack.push_async_callback(_stop_watcher, watcher, watch_task)
             # One step of the watcher task sets up its inotify watches (before
             # its first await), so no edit made once a bundle serves is missed.
@@ -151,10 +152,10 @@ class Supervisor:
     def _rescan(self) -> None:
         """Look at bundles_dir again: retire removed bundles, start new ones.
 
-        Removals first, so a renamed bundle's port is on its way back. A name
-        whose old runner still drains is started once that runner closed its
-        sockets; then bundles that failed (on a port the old one held, say)
-        are tried again.
+        Removals first: a removed bundle's sockets, with the connections in
+        their backlog, go to a renamed or re-added bundle that declares them,
+        while the old runner still drains. When one has closed, bundles that
+        failed (on an address it held, say) are tried again.
         """
         present = self.config.sources()
         if self.config.bundles_dir is not None:
@@ -164,23 +165,24 @@ class Supervisor:
                     log.warning("%s", problem)
         for name in [n for n in self.runners if n not in present]:
             log.info("%s: bundle directory removed; retiring it", name)
+            runner = self.runners.pop(name)
+            assert self._services is not None
+            self._services.sockets.disown(runner)  # a renamed or re-added bundle adopts them
             # Draining may take drain_timeout: not in the command loop.
-            task = asyncio.ensure_future(self.runners.pop(name).close())
-            self._removing[name] = task
-            task.add_done_callback(functools.partial(self._removed, name))
+            task = asyncio.ensure_future(runner.close())
+            self._removing.add(task)
+            task.add_done_callback(self._removed)
         for name, source in present.items():
-            if name not in self.runners and name not in self._removing:
+            if name not in self.runners:
                 log.info("%s: new bundle in %s", name, source.path)
                 self._add(source)
 
-    def _removed(self, name: str, _: object) -> None:
-        self._removing.pop(name, None)
-        if self._stopping:
-            return
-        for runner in self.runners.values():
-            if runner.state is BundleState.FAILED:
-                runner.request(force=True)
-        self._rescan()
+    def _removed(self, task: asyncio.Task[None]) -> None:
+        self._removing.discard(task)
+        if not self._stopping:  # an address it held may be free now
+            for runner in self.runners.values():
+                if runner.state is BundleState.FAILED:
+                    runner.request(force=True)
 
     async def _on_shutdown(self, command: Shutdown) -> None:
         log.info("shutting down (%s): draining every bundle", command.reason)
@@ -197,7 +199,7 @@ class Supervisor:
     async def _close_all(self) -> None:
         runners, self.runners = list(self.runners.values()), {}
         results = await asyncio.gather(*(runner.close() for runner in runners),
-                                       *self._removing.values(),
+                                       *self._removing,
                                        return_exceptions=True)
         for result in results:  # one bundle's failure must not stop the others' shutdown
             if isinstance(result, BaseException):
@@ -209,6 +211,11 @@ class Supervisor:
             if not any(source.path == r or r in source.path.parents for r in roots):
                 roots.append(source.path)
         return [r for r in roots if r is not None]
+
+    def _watcher_ended(self, task: asyncio.Task[None]) -> None:
+        if not self._stopping and not task.cancelled():
+            log.error("the file watcher stopped: changes are no longer seen (%r)",
+                      task.exception())
 
     def _files_changed(self, paths: set[Path]) -> None:
         if not self._stopping:

@@ -30,19 +30,29 @@ class SocketError(Exception):
 @dataclass
 class Bound:
     key: str
-    owner: str
+    owner: str  # the bundle's name, for messages
+    holder: object  # the bundle's runner: who may use and close it
     sock: socket.socket
     address: str
+    adoptable: bool = False  # its bundle is going away: the next to declare it takes it
 
 
 class SocketRegistry:
-    """Every bound listening socket, by address, with the bundle that owns it."""
+    """Every bound listening socket, by address, with the bundle runner that holds it.
+
+    Holders are runner objects, not names: a bundle removed and added again
+    (or renamed) is a new runner while the old one still drains. The old one
+    ``disown()``s its sockets first, so the new one adopts them, with the
+    connections queued in their backlog, instead of failing to bind the
+    address the old one still holds.
+    """
 
     def __init__(self) -> None:
         self._bound: dict[str, Bound] = {}
 
-    def acquire(self, spec: BundleSpec) -> dict[str, socket.socket]:
-        """The sockets ``spec`` declares: the ones it already holds, others bound now.
+    def acquire(self, spec: BundleSpec, holder: object) -> dict[str, socket.socket]:
+        """The sockets ``spec`` declares: the ones ``holder`` holds or may adopt,
+        others bound now.
 
         All or nothing: if one cannot be bound, the ones bound by this call are
         closed again and SocketError says why.
@@ -54,12 +64,14 @@ class SocketRegistry:
                 key = self._key(spec.name, sock_spec)
                 bound = self._bound.get(key)
                 where = f"{spec.path / MANIFEST}: sockets.{sock_spec.name}.bind"
-                if bound is not None and bound.owner != spec.name:
-                    raise SocketError(
-                        f"{where}: {sock_spec.bind} is already used by bundle {bound.owner!r}"
-                    )
+                if bound is not None and bound.holder is not holder:
+                    if not bound.adoptable:
+                        raise SocketError(f"{where}: {sock_spec.bind} is already used by "
+                                          f"bundle {bound.owner!r}")
+                    log.info("%s: takes over %s from %s", spec.name, bound.address, bound.owner)
+                    bound.owner, bound.holder, bound.adoptable = spec.name, holder, False
                 if bound is None:
-                    bound = self._bind(spec.name, key, sock_spec, where)
+                    bound = self._bind(spec.name, holder, key, sock_spec, where)
                     self._bound[key] = bound
                     fresh.append(key)
                 result[sock_spec.name] = bound.sock
@@ -69,15 +81,22 @@ class SocketRegistry:
             raise
         return result
 
-    def release_unused(self, owner: str, keep: list[BundleSpec]) -> None:
-        """Close ``owner``'s sockets that none of the specs in ``keep`` declares."""
+    def disown(self, holder: object) -> None:
+        """``holder``'s bundle is going away: let the next bundle that declares
+        one of its addresses adopt the socket (until ``holder`` closes it)."""
+        for bound in self._bound.values():
+            if bound.holder is holder:
+                bound.adoptable = True
+
+    def release_unused(self, holder: object, keep: list[BundleSpec]) -> None:
+        """Close ``holder``'s sockets that none of the specs in ``keep`` declares."""
         wanted = {self._key(spec.name, s) for spec in keep for s in spec.sockets}
         for key, bound in list(self._bound.items()):
-            if bound.owner == owner and key not in wanted:
+            if bound.holder is holder and key not in wanted:
                 self._close(self._bound.pop(key))
 
-    def addresses(self, owner: str) -> list[str]:
-        return [b.address for b in self._bound.values() if b.owner == owner]
+    def addresses(self, holder: object) -> list[str]:
+        return [b.address for b in self._bound.values() if b.holder is holder]
 
     def close_all(self) -> None:
         for key in list(self._bound):
@@ -89,7 +108,8 @@ class SocketRegistry:
         return f"{spec.key}:{owner}:{spec.name}" if spec.port == 0 and spec.path is None \
             else spec.key
 
-    def _bind(self, owner: str, key: str, spec: SocketSpec, where: str) -> Bound:
+    def _bind(self, owner: str, holder: object, key: str, spec: SocketSpec,
+              where: str) -> Bound:
         try:
             sock = _bind_unix(spec) if spec.path is not None else _bind_tcp(spec)
         except OSError as exc:
@@ -100,7 +120,7 @@ class SocketRegistry:
             host, port = sock.getsockname()[:2]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("%s: socket %s listening on %s", owner, spec.name, address)
-        return Bound(key, owner, sock, address)
+        return Bound(key, owner, holder, sock, address)
 
     @staticmethod
     def _close(bound: Bound) -> None:

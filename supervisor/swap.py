@@ -219,8 +219,7 @@ class BundleRunner:
         """Stop the loop (cutting short a swap or a backoff), retire every serving
         generation (drain, stop(), exit), kill the others, release the sockets."""
         self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
+        self._cancel_retry()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -234,7 +233,7 @@ class BundleRunner:
             # RETIRING and EXITED: their retire task, awaited below, finishes them
         while self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
-        self.svc.sockets.release_unused(self.name, [])
+        self.svc.sockets.release_unused(self, [])
         self.state = BundleState.STOPPED
 
     def status(self) -> dict[str, Any]:
@@ -250,7 +249,7 @@ class BundleRunner:
             "last_pause_ms": _round(self.last_pause_ms),
             "last_error": self.last_error,
             "swaps": self.swaps,
-            "sockets": self.svc.sockets.addresses(self.name),
+            "sockets": self.svc.sockets.addresses(self),
         }
 
     # -- the steps --------------------------------------------------------------
@@ -263,9 +262,11 @@ class BundleRunner:
             return  # the directory is gone; the supervisor removes us
         if not force and digest == self._tried:
             return
-        if digest != self._tried:
+        if digest != self._tried:  # new content: a fresh start for its tries and restarts
             self._busy_retries = 0
+            self._crashes.clear()
         self._tried = digest
+        self._cancel_retry()  # this pass is the try it was waiting for
         try:
             spec = load_bundle(self.source, self.svc.config)
         except ConfigError as exc:
@@ -354,9 +355,10 @@ class BundleRunner:
             self._crashes = [t for t in self._crashes if now - t < timing.restart_window]
             self._crashes.append(now)
             if len(self._crashes) > timing.max_restarts:
+                failures, self._crashes = len(self._crashes), []  # new content: a clean slate
                 self._serving = None
                 self._release_sockets()  # refuse clients rather than leave them queued
-                self._report(f"{error}; {len(self._crashes)} failures within "
+                self._report(f"{error}; {failures} failures within "
                              f"{timing.restart_window:g}s, giving up until the files change",
                              BundleState.FAILED)
                 return
@@ -372,7 +374,7 @@ class BundleRunner:
     async def _spawn(self, spec: BundleSpec, digest: str) -> Generation:
         self._spawning = spec
         try:
-            sockets = self.svc.sockets.acquire(spec)
+            sockets = self.svc.sockets.acquire(spec, self)
             self._number += 1
             process = await self.svc.spawn(spec, self._number, sockets)
         except (SocketError, WorkerError) as exc:
@@ -497,12 +499,18 @@ class BundleRunner:
 
     def _retry_later(self) -> str:
         """Schedule another try of the same content; what to add to the report."""
+        self._cancel_retry()
         if self._busy_retries >= BUSY_RETRIES:
             return f"; gave up after {BUSY_RETRIES} tries (SIGHUP or an edit tries again)"
         delay = BUSY_RETRY_FIRST * 2 ** self._busy_retries
         self._busy_retries += 1
         self._retry = asyncio.get_running_loop().call_later(delay, self.request, True)
         return f"; trying again in {delay:g}s"
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
         self.current = gen
@@ -515,7 +523,7 @@ class BundleRunner:
         """Close the sockets that neither a live generation nor the bundle still needs."""
         keep = [g.spec for g in self._gens.values()]
         keep += [spec for spec in (self._serving, self._spawning) if spec is not None]
-        self.svc.sockets.release_unused(self.name, keep)
+        self.svc.sockets.release_unused(self, keep)
 
     def _report(self, message: str, state: BundleState) -> None:
         """An error for the log and status; the bundle is now in ``state``."""

@@ -20,6 +20,7 @@ silence: a look while a file is being written could see half of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,6 +41,9 @@ RECHECK_AFTER = 1.0
 
 #: Seconds between looks for a watched directory that was deleted.
 ROOT_POLL = 0.5
+
+#: Seconds before watching again after watchfiles failed.
+REWATCH_AFTER = 1.0
 
 _IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache",
                  ".ruff_cache", "node_modules"}
@@ -105,6 +109,7 @@ class Watcher:
 
     async def run(self) -> None:
         """Watch until stop(). A root that is deleted is watched again once it is back."""
+        first = True
         try:
             while not self._stopped:
                 self._cycle = asyncio.Event()
@@ -112,14 +117,27 @@ class Watcher:
                 missing = [root for root in self._roots if root not in present]
                 for root in self._gone.intersection(present):
                     log.info("watching %s again", root)
-                    self._add({root})  # its content may differ: look at it
                 self._gone.difference_update(present)
+                if not first:
+                    # Between the old watch and the new one, changes anywhere
+                    # went unseen: look at everything once (a digest each).
+                    self._add(set(present))
+                first = False
                 poll = asyncio.ensure_future(self._await_return(missing)) if missing else None
                 try:
                     if present:
                         await self._watch(present)
                     else:
                         await self._cycle.wait()
+                    if not self._cycle.is_set():
+                        raise RuntimeError("watchfiles stopped by itself")
+                except Exception:
+                    # inotify's watch limit, a root turned into a file...: say
+                    # so, and watch anew in a moment rather than go deaf.
+                    log.exception("watching %s failed; watching again in %gs",
+                                  ", ".join(map(str, present)), REWATCH_AFTER)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._cycle.wait(), REWATCH_AFTER)
                 finally:
                     if poll is not None:
                         poll.cancel()

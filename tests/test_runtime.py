@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,17 +139,31 @@ def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHot
     assert sup.stop() == 0
 
 
-def test_a_renamed_bundle_keeps_its_port(hotsup: MakeHotsup) -> None:
+def test_a_renamed_bundle_takes_over_its_port_while_the_old_one_drains(
+    hotsup: MakeHotsup,
+) -> None:
     sup = hotsup()
     port = free_port()
     write_bundle(sup.bundles / "old", counter_source("v0"), port)
     sup.start()
     sup.wait_log(r"old@1: serving")
-    os.rename(sup.bundles / "old", sup.bundles / "new")
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        idle.sendall(b"get\n")
+        assert idle.recv(100).startswith(b"count=0")  # old@1 must drain this one
+        with Load(port, clients=2) as load:
+            load.wait_reply(lambda r: True)
+            os.rename(sup.bundles / "old", sup.bundles / "new")
+            sup.wait_log(rf"new: takes over 127\.0\.0\.1:{port} from old")
+            sup.wait_log(r"new@1: serving")
+            served = time.monotonic()
+            load.wait_reply(lambda r: r.generation == 1, after=served)
+            assert "old@1: retired" not in sup.log(), "the old one is still draining"
+        assert not load.failures, load.failures[:3]
+    finally:
+        idle.close()
     sup.wait_log(r"old@1: retired")
-    wait_for(lambda: port_open(port) and request(port).endswith("tag=v0"), 10.0,
-             "the renamed bundle to serve on the same port")
-    assert "new@" in sup.wait_log(r"new@\d: serving")
+    assert request(port).endswith("tag=v0")
     assert sup.stop() == 0
 
 

@@ -239,6 +239,40 @@ def test_a_hand_over_blocked_by_busy_connections_is_tried_again(
     run(test, tmp_path)
 
 
+def test_a_busy_retry_is_dropped_once_a_later_pass_swaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swap, "BUSY_RETRY_FIRST", 30.0)
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(busy=1)
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(lambda: world.runner._retry is not None, "a retry scheduled")
+        world.change("v3")
+        await until(serving(world, 3))
+        assert world.runner._retry is None, "no forced swap of unchanged content later"
+    run(test, tmp_path)
+
+
+def test_new_content_starts_with_a_clean_restart_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.workers[1].crash()
+        await until(serving(world, 2))
+        world.workers[2].crash()
+        await until(lambda: world.runner.state is BundleState.FAILED, "giving up")
+        world.change("fixed")
+        await until(serving(world, 3))
+        world.workers[3].crash()  # one crash of the new code: restarted, not given up
+        await until(serving(world, 4), "a restart of the new code")
+    run(test, tmp_path, "max_restarts = 1\n")
+
+
 def test_failed_content_is_not_retried_until_it_changes(tmp_path: Path) -> None:
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -311,15 +345,16 @@ def test_sockets_are_held_through_a_crash_backoff(tmp_path: Path,
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
-        address = world.sockets.addresses("b")
+        address = world.sockets.addresses(world.runner)
         assert len(address) == 1
         world.workers[1].crash()
         await until(lambda: world.runner.state is BundleState.STARTING, "the backoff")
-        assert world.sockets.addresses("b") == address, "the port stays open: clients queue"
+        # the port stays open: clients queue in its backlog
+        assert world.sockets.addresses(world.runner) == address
         started = asyncio.get_running_loop().time()
         await world.runner.close()  # cuts the 30 s backoff short
         assert asyncio.get_running_loop().time() - started < 2.0
-        assert world.sockets.addresses("b") == []
+        assert world.sockets.addresses(world.runner) == []
     run(test, tmp_path)
 
 
@@ -333,7 +368,7 @@ def test_a_failed_restart_backs_off_and_tries_again(tmp_path: Path,
         world.workers[1].crash()
         await until(serving(world, 3), "a second restart after the first failed")
         assert world.runner.restarts == 2
-        assert world.sockets.addresses("b"), "sockets held throughout"
+        assert world.sockets.addresses(world.runner), "sockets held throughout"
     run(test, tmp_path)
 
 

@@ -36,15 +36,16 @@ class BundleContext:
         self.path = path
         self.log = log
         self.listeners: list[Listener] = []
-        #: False until the bundle's start() succeeded: listeners wait for it.
-        self.started = False
+        #: Whether the runtime lets listeners accept: not before start()
+        #: succeeded, not while paused for a hand-over, not once retiring.
+        self.accepting = False
 
     def serve(self, socket_name: str, client_connected_cb: ClientCallback) -> Listener:
         """Serve ``client_connected_cb(reader, writer)`` on the named socket.
 
-        Accepting starts once ``start()`` has returned (at once if called after
-        that), wherever ``serve()`` is called: a generation that fails before
-        it is ready has accepted no connection that could be lost. The runtime
+        Accepting starts once ``start()`` has returned, wherever ``serve()`` is
+        called (and waits while the generation is paused): a generation that
+        fails before it is ready has accepted no connection that could be lost. The runtime
         pauses, resumes and drains the returned listener during swaps and counts
         its connections in flight, so a bundle that serves through this loses
         no connection when it is upgraded. The result may be awaited
@@ -58,6 +59,6 @@ class BundleContext:
                 f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
             ) from None
         listener = Listener(socket_name, sock, client_connected_cb, self.log,
-                            accepting=self.started)
+                            accepting=self.accepting)
         self.listeners.append(listener)
         return listener

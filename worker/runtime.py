@@ -264,7 +264,7 @@ class Worker:
             state = pickle.loads(payload)
             await _maybe_await(self.bundle.restore(state))
         await _maybe_await(self.bundle.start())
-        self.ctx.started = True
+        self.ctx.accepting = True
         for listener in self.ctx.listeners:  # ready: now accept
             listener.resume()
         if self.sockets and not self.ctx.listeners:
@@ -274,6 +274,7 @@ class Worker:
 
     async def _pause(self, header: dict[str, Any], payload: bytes | None) -> bytes | dict[str, Any]:
         started = time.monotonic()
+        self.ctx.accepting = False
         for listener in self.ctx.listeners:
             listener.pause()
         timeout = float(header.get("quiesce_timeout", 5.0))
@@ -285,6 +286,7 @@ class Worker:
         return {"quiesce_ms": (time.monotonic() - started) * 1000}
 
     async def _resume(self, header: dict[str, Any], payload: bytes | None) -> None:
+        self.ctx.accepting = True
         for listener in self.ctx.listeners:
             listener.resume()
 
@@ -292,6 +294,7 @@ class Worker:
         return self._take_snapshot()
 
     async def _retire(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+        self.ctx.accepting = False
         for listener in self.ctx.listeners:
             listener.pause()
         timeout = float(header.get("drain_timeout", 30.0))
