@@ -18,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,15 @@ def request(port: int, line: str = "incr", timeout: float = 5.0) -> str:
                 break
             data += chunk
     return data.decode().strip()
+
+
+@contextlib.contextmanager
+def idle_client(port: int) -> Iterator[socket.socket]:
+    """A client whose connection was served once and then just stays open."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"get\n")
+        assert sock.recv(100).startswith(b"count="), "the idle client was served"
+        yield sock
 
 
 def save(path: Path, text: str, mtime_ns: int | None = None) -> None:

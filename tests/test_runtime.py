@@ -17,6 +17,7 @@ from harness import (
     Load,
     counter_source,
     free_port,
+    idle_client,
     port_open,
     request,
     save,
@@ -124,16 +125,11 @@ def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHot
     write_bundle(sup.bundles / "counter", counter_source("v0"), port)
     sup.start()
     sup.wait_log(r"counter@1: serving")
-    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        idle.sendall(b"get\n")
-        assert idle.recv(100).startswith(b"count=0")  # accepted, and now just open
+    with idle_client(port):
         save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
         line = sup.wait_log(r"swap to counter@2 rolled back, counter@1 keeps serving: .*")
         assert "1 connection(s) still in flight after 0.5s; trying again in 2s" in line, line
         assert request(port).startswith("count=1 generation=1")
-    finally:
-        idle.close()
     sup.wait_log(r"counter@\d: swapped from counter@1")
     assert request(port) == "count=2 generation=3 tag=v1"
     assert sup.stop() == 0
@@ -147,10 +143,7 @@ def test_a_renamed_bundle_takes_over_its_port_while_the_old_one_drains(
     write_bundle(sup.bundles / "old", counter_source("v0"), port)
     sup.start()
     sup.wait_log(r"old@1: serving")
-    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        idle.sendall(b"get\n")
-        assert idle.recv(100).startswith(b"count=0")  # old@1 must drain this one
+    with idle_client(port):  # old@1 must drain this one
         with Load(port, clients=2) as load:
             load.wait_reply(lambda r: True)
             os.rename(sup.bundles / "old", sup.bundles / "new")
@@ -160,8 +153,6 @@ def test_a_renamed_bundle_takes_over_its_port_while_the_old_one_drains(
             load.wait_reply(lambda r: r.generation == 1, after=served)
             assert "old@1: retired" not in sup.log(), "the old one is still draining"
         assert not load.failures, load.failures[:3]
-    finally:
-        idle.close()
     sup.wait_log(r"old@1: retired")
     assert request(port).endswith("tag=v0")
     assert sup.stop() == 0
