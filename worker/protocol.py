@@ -18,7 +18,9 @@ pulls in supervisor code. Two channels:
 
 Worker -> supervisor: ``loaded`` (entry imported and constructed, with the hooks
 it has), ``failed`` (it could not load; ``error`` says why), ``reply`` (to a
-request ``id``: ``ok`` true, or false with ``error``).
+request ``id``: ``ok`` true, or false with ``error``, ``error_type`` (the
+exception's class, e.g. ``Busy`` for connections still in flight at a pause)
+and ``detail`` (the traceback)).
 
 Supervisor -> worker requests (each has an ``id``; the worker replies once):
 ``start`` (payload: a snapshot to ``restore()`` first, if any), ``pause``
