@@ -196,6 +196,8 @@ class WorkerProcess:
 
     def release(self) -> None:
         """Drop everything held for the process: channel token, pidfd, log pipe."""
+        if self.loaded.done() and not self.loaded.cancelled():
+            self.loaded.exception()  # a late 'failed' report: seen, not an asyncio warning
         self._channel.unregister(self.token)
         if self.pid is not None:
             self._zygote.forget(self.pid)

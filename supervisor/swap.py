@@ -126,11 +126,9 @@ Spawner = Callable[[BundleSpec, int, dict[str, socket.socket]], Awaitable[Worker
 class Generation:
     number: int
     spec: BundleSpec
-    digest: str
     process: Worker
     state: GenState = GenState.SPAWNING
     hooks: dict[str, bool] = field(default_factory=dict)
-    spawned_at: float = field(default_factory=time.monotonic)
 
     @property
     def tag(self) -> str:
@@ -274,15 +272,15 @@ class BundleRunner:
             self._report("cannot load the bundle: " + "; ".join(exc.problems), keeps)
             return
         if self.current is None:
-            await self._start(spec, digest, self._last_state)
+            await self._start(spec, self._last_state)
         else:
-            await self._swap(spec, digest, started)
+            await self._swap(spec, started)
 
-    async def _start(self, spec: BundleSpec, digest: str, state: bytes | None) -> None:
+    async def _start(self, spec: BundleSpec, state: bytes | None) -> None:
         """Bring up a generation when none is serving (first start, restart)."""
         self.state = BundleState.STARTING
         try:
-            new = await self._spawn(spec, digest)
+            new = await self._spawn(spec)
         except SwapAborted as exc:
             self._report(str(exc), BundleState.FAILED)
             return
@@ -296,12 +294,12 @@ class BundleRunner:
         self._make_current(new, spec)
         log.info("%s: serving (pid %s)", new.tag, new.process.pid)
 
-    async def _swap(self, spec: BundleSpec, digest: str, started: float) -> None:
+    async def _swap(self, spec: BundleSpec, started: float) -> None:
         old = self.current
         assert old is not None
         self.state = BundleState.SWAPPING
         try:
-            new = await self._spawn(spec, digest)
+            new = await self._spawn(spec)
         except SwapAborted as exc:
             self._report(f"swap aborted, {old.tag} keeps serving: {exc}", BundleState.RUNNING)
             return
@@ -371,7 +369,7 @@ class BundleRunner:
 
     # -- one generation's moves ------------------------------------------------
 
-    async def _spawn(self, spec: BundleSpec, digest: str) -> Generation:
+    async def _spawn(self, spec: BundleSpec) -> Generation:
         self._spawning = spec
         try:
             sockets = self.svc.sockets.acquire(spec, self)
@@ -383,7 +381,7 @@ class BundleRunner:
             raise SwapAborted(str(exc)) from None
         finally:
             self._spawning = None
-        gen = Generation(self._number, spec, digest, process)
+        gen = Generation(self._number, spec, process)
         self._gens[gen.number] = gen
         process.exited.add_done_callback(lambda _: self._on_exit(gen))
         log.debug("%s: spawned pid %d", gen.tag, process.pid)

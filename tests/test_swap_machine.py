@@ -172,7 +172,13 @@ def test_first_start_then_hand_over(tmp_path: Path) -> None:
         await until(lambda: first.exited.done(), "generation 1 retired")
         assert first.calls == ["start", "pause", "retire"]
         assert world.workers[2].restored == b"state of 1"
-        assert world.runner.last_pause_ms is not None and world.runner.last_error is None
+        status = world.runner.status()
+        assert {k: status[k] for k in ("name", "state", "generation", "pid", "restarts",
+                                       "version", "last_error", "swaps")} == {
+            "name": "b", "state": "running", "generation": 2, "pid": 10_002, "restarts": 0,
+            "version": "", "last_error": None, "swaps": 1}
+        assert status["last_pause_ms"] is not None and status["last_swap_ms"] is not None
+        assert len(status["sockets"]) == 1
     run(test, tmp_path)
 
 

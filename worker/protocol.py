@@ -63,8 +63,6 @@ OP_SNAPSHOT: Final = "snapshot"
 OP_RETIRE: Final = "retire"
 OP_PING: Final = "ping"
 
-REQUESTS: Final = frozenset({OP_START, OP_PAUSE, OP_RESUME, OP_SNAPSHOT, OP_RETIRE, OP_PING})
-
 # Zygote channel operations.
 ZY_SPAWN: Final = "spawn"
 ZY_SPAWNED: Final = "spawned"
