@@ -1,12 +1,38 @@
-"""The ``hotsup`` command line."""
+"""The ``hotsup`` command line.
+
+``start`` and ``check`` work on a config file. The other commands talk to a
+running supervisor over its control socket (see ``control``), found through
+``-c FILE`` (its run_dir), else ``HOTSUP_RUN_DIR``, else ``./config.toml``.
+
+Exit codes: 0 done; 1 the supervisor carried the command out and it failed (a
+reload rolled back, an unknown bundle) or ``check`` found problems; 2 a usage
+or config error; 3 no supervisor could be reached (none running, not ours, or
+no answer in time): the message says which, in one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, check, load_config, preload_conflicts
+from .config import ConfigError, check, load_config, preload_conflicts, run_dir_of
+from .control import ControlClient, ControlError, Unreachable
+from .logs import LogRecord
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+#: Seconds to wait for the answer to a query (status, logs).
+QUERY_TIMEOUT = 5.0
+
+
+class UsageError(Exception):
+    pass
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -18,10 +44,10 @@ def _start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for line in exc.problems:
             print(f"hotsup: {line}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from .server import run  # the event loop and zmq only for the command that needs them
 
-    return run(config)
+    return run(config, json_logs=args.json)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -30,10 +56,143 @@ def _check(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if problems:
         print(f"hotsup check: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"hotsup check: {args.config} is fine")
-    return 0
+    return EXIT_OK
 
+
+# -- commands to a running supervisor ---------------------------------------------------
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    if args.config is not None:
+        return ControlClient(_run_dir(Path(args.config)))
+    env = os.environ.get("HOTSUP_RUN_DIR")
+    if env:
+        return ControlClient(Path(env).absolute())
+    return ControlClient(_run_dir(Path("config.toml")))
+
+
+def _run_dir(config: Path) -> Path:
+    try:
+        return run_dir_of(config)
+    except ConfigError as exc:
+        raise UsageError(exc.problems[0] + " (use -c FILE or HOTSUP_RUN_DIR)") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = _client(args).request("status", QUERY_TIMEOUT)
+    if args.json:
+        print(json.dumps({"bundles": result["bundles"], "supervisor": result["supervisor"]},
+                         indent=2))
+        return EXIT_OK
+    rows = [["BUNDLE", "STATE", "GEN", "PID", "UPTIME", "RESTARTS", "VERSION", "LAST SWAP",
+             "LAST ERROR"]]
+    for b in result["bundles"]:
+        swap = "-"
+        if b.get("last_swap_at") is not None:
+            swap = time.strftime("%H:%M:%S", time.localtime(b["last_swap_at"]))
+            swap += f" ({b['last_swap_ms']:g} ms)"
+        rows.append([b["name"], b["state"], _text(b["generation"]), _text(b["pid"]),
+                     _duration(b.get("uptime")), str(b["restarts"]), _text(b["version"]),
+                     swap, _text(b["last_error"])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]))
+    sup = result["supervisor"]
+    print(f"\nsupervisor pid {sup['pid']}, up {_duration(sup['uptime'])}, {sup['config']}")
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    if (args.name is None) == (not args.all):
+        raise UsageError("reload: give a bundle NAME or --all")
+    result = _client(args).request("reload", args.timeout, name=args.name)
+    return _reports(result["bundles"], args.json)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    return _reports([_client(args).request("stop", args.timeout, name=args.name)], args.json)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _reports([_client(args).request("run", args.timeout, name=args.name)], args.json)
+
+
+def _reports(reports: list[dict[str, Any]], as_json: bool) -> int:
+    for report in reports:
+        if as_json:
+            print(json.dumps(report))
+            continue
+        line = f"{report['name']}: {report['result']} in {report['duration_ms']:g} ms"
+        if report["message"]:
+            line += f": {report['message']}"
+        print(line, file=sys.stdout if report["ok"] else sys.stderr)
+    return EXIT_OK if all(report["ok"] for report in reports) else EXIT_FAILED
+
+
+def _logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    show: Callable[[LogRecord], str] = LogRecord.as_json if args.json else LogRecord.as_text
+    result = client.request("logs", QUERY_TIMEOUT, name=args.name, after=0, limit=args.lines)
+    for record in result["records"]:
+        print(show(LogRecord.from_dict(record)), flush=True)
+    if not args.follow:
+        return EXIT_OK
+    last = result["last"]
+    wait = 2.0
+    try:
+        while True:
+            try:
+                result = client.request("logs", wait + QUERY_TIMEOUT, name=args.name,
+                                        after=last, wait=wait)
+            except (Unreachable, ControlError) as exc:
+                print(f"hotsup logs: the supervisor is gone ({exc})", file=sys.stderr)
+                return EXIT_OK
+            for record in result["records"]:
+                print(show(LogRecord.from_dict(record)), flush=True)
+            last = result["last"]
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    pid = _client(args).request("shutdown", QUERY_TIMEOUT)["pid"]
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid):  # return once it has exited: its bundles drained, its ports closed
+        if time.monotonic() > deadline:
+            print(f"hotsup {pid} is still draining after {args.timeout:g}s", file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.05)  # a poll interval
+    print(f"hotsup {pid} stopped")
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited process its parent has not reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.0f}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+# -- the parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -43,16 +202,59 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     start = commands.add_parser("start", help="run the supervisor in the foreground")
     start.add_argument("config", nargs="?", default="config.toml")
+    start.add_argument("--json", action="store_true", help="log one JSON object per record")
     start.set_defaults(func=_start)
     checker = commands.add_parser("check", help="validate config.toml and every bundle")
     checker.add_argument("config", nargs="?", default="config.toml")
     checker.set_defaults(func=_check)
+
+    def remote(name: str, help: str, func: Callable[[argparse.Namespace], int],
+               timeout: float | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("-c", "--config", metavar="FILE",
+                         help="the supervisor's config.toml (default: $HOTSUP_RUN_DIR, "
+                              "else ./config.toml)")
+        if timeout is not None:
+            sub.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                             help=f"seconds to wait for the outcome (default {timeout:g})")
+        sub.set_defaults(func=func)
+        return sub
+
+    status = remote("status", "show every bundle", _status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    reload = remote("reload", "swap a bundle now; report the outcome", _reload, 120.0)
+    reload.add_argument("name", nargs="?")
+    reload.add_argument("--all", action="store_true", help="every bundle")
+    reload.add_argument("--json", action="store_true", help="one JSON object per bundle")
+    for name, func, help in (("stop", _stop, "take a bundle down"),
+                             ("run", _run, "bring a stopped or failed bundle back")):
+        sub = remote(name, help, func, 120.0)
+        sub.add_argument("name")
+        sub.add_argument("--json", action="store_true", help="one JSON object")
+    logs = remote("logs", "show the newest log records", _logs)
+    logs.add_argument("name", nargs="?", help="one bundle's records (and the supervisor's "
+                                              "about it); default: everything")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N",
+                      help="how many records to show first (default 50)")
+    logs.add_argument("--json", action="store_true", help="one JSON object per record")
+    remote("shutdown", "drain every bundle and stop the supervisor", _shutdown, 120.0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"hotsup {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as exc:
+        print(f"hotsup {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        print(f"hotsup {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 

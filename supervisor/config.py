@@ -308,6 +308,21 @@ def _table(data: dict[str, Any], key: str, problems: _Problems, prefix: str = ""
     return value
 
 
+def run_dir_of(path: Path) -> Path:
+    """The run_dir config.toml names, reading nothing else of it (the control
+    commands need only that, even when another key is broken)."""
+    path = path.resolve() if path.exists() else path.absolute()
+    problems = _Problems(path)
+    data = _read_toml(path, problems)
+    if data is None:
+        raise ConfigError(problems.lines)
+    sup = _table(data, "supervisor", problems)
+    run_dir = _string(sup, "run_dir", ".hotsup", "supervisor.", problems)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return _normal(path.parent / run_dir)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate config.toml; raises ConfigError listing every problem."""
     path = path.resolve() if path.exists() else path.absolute()
@@ -451,9 +466,6 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     factory = _bool(data, "factory", "", problems)
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
-    if mp_logging:
-        problems.add("multiprocessing_logging", "not supported yet: a bundle's forked helpers "
-                     "log through the worker's pipe already; remove the key")
     settings = _table(data, "settings", problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
     timing = _timing(data, config.defaults, "", problems)

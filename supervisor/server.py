@@ -1,8 +1,10 @@
 """The running supervisor: start-up, the command loop, shut-down.
 
-Signals, file changes (and, later, control requests) all become the same
-command objects on one queue, handled by one dispatcher through an explicit
-table. Signal handlers only enqueue.
+Signals, file changes and control requests (``hotsup reload`` and the rest,
+see ``control``) all become the same command objects on one queue, handled by
+one dispatcher through an explicit table. Signal handlers and the control
+endpoint only enqueue; a command that someone waits for carries a ``reply``
+future, resolved when the work is done (a reload: when its swap finished).
 
 Start-up builds every resource in order on an ``AsyncExitStack``, so shut-down
 undoes them in reverse: stop watching, retire every bundle (drain), stop the
@@ -19,8 +21,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ import zmq.asyncio
 
 from .channel import WorkerChannel
 from .config import BundleSource, Config, misnamed
-from .logs import LogSink, SinkHandler
+from .control import MAX_WAIT, ControlError, ControlServer, Request
+from .logs import RING, LogSink, SinkHandler
 from .process import WorkerProcess
 from .sockets import SocketRegistry
 from .swap import BundleRunner, BundleState, Services
@@ -41,11 +45,15 @@ log = logging.getLogger("hotsup")
 
 # -- commands -----------------------------------------------------------------------
 
+Reply = asyncio.Future[Any]
+
+
 @dataclass(frozen=True)
 class Reload:
     """Swap a bundle (or all, when ``name`` is None) even if its files did not change."""
 
     name: str | None = None
+    reply: Reply | None = None
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,42 @@ class FilesChanged:
 @dataclass(frozen=True)
 class Shutdown:
     reason: str
+    reply: Reply | None = None
 
 
-Command = Reload | FilesChanged | Shutdown
+@dataclass(frozen=True)
+class Stop:
+    """Take a bundle down until ``Run``."""
+
+    name: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Run:
+    """Bring a stopped or failed bundle back."""
+
+    name: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Status:
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Logs:
+    """Records numbered above ``after``, waiting up to ``wait`` s for one."""
+
+    name: str | None
+    after: int
+    limit: int
+    wait: float
+    reply: Reply
+
+
+Command = Reload | FilesChanged | Shutdown | Stop | Run | Status | Logs
 
 
 class StartupError(Exception):
@@ -72,13 +113,19 @@ class Supervisor:
         self.runners: dict[str, BundleRunner] = {}
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self._services: Services | None = None
-        self._stopping = False
+        self._stopping: str | None = None  # why, once shutting down
+        self._tasks: set[asyncio.Task[None]] = set()  # answers waiting outside the loop
         self._removing: set[asyncio.Task[None]] = set()  # bundles draining away
         self._told: set[str] = set()  # warnings already given
+        self._started = time.monotonic()
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
             Shutdown: self._on_shutdown,
+            Stop: self._on_stop,
+            Run: self._on_run,
+            Status: self._on_status,
+            Logs: self._on_logs,
         }
 
     async def serve(self) -> int:
@@ -97,6 +144,12 @@ class Supervisor:
             channel = WorkerChannel(zctx, f"ipc://{config.run_dir / 'workers'}")
             channel.start()
             stack.push_async_callback(channel.close)
+            # Closed after every bundle (below), so a reload waiting for its
+            # swap when a shutdown comes still gets its answer.
+            control = ControlServer(zctx, config.run_dir, self.submit)
+            control.start()
+            stack.push_async_callback(control.close)
+            stack.push_async_callback(self._cancel_background)
             sockets = SocketRegistry()
             stack.callback(sockets.close_all)
             zygote = Zygote(config.preload, life_r)
@@ -120,24 +173,85 @@ class Supervisor:
             self._rescan()
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
-            while not self._stopping:
+            while self._stopping is None:
                 command = await self.commands.get()
                 try:
                     await self._dispatch[type(command)](command)
-                except Exception:  # one bad command must not take every bundle down
+                except ControlError as exc:  # the request cannot be carried out: say why
+                    _refuse(command, exc)
+                except Exception as exc:  # one bad command must not take every bundle down
                     log.exception("failed to handle %r", command)
+                    _refuse(command, ControlError(f"internal error: {exc!r}"))
+            log.info("shutting down (%s): draining every bundle", self._stopping)
         log.info("hotsup stopped")
         return 0
+
+    def submit(self, request: Request) -> Reply:
+        """A control request as a command on the queue; its reply future."""
+        if self._stopping is not None:
+            raise ControlError("the supervisor is shutting down")
+        reply: Reply = asyncio.get_running_loop().create_future()
+        args = request.args
+        make: dict[str, Callable[[], Command]] = {
+            "status": lambda: Status(reply),
+            "reload": lambda: Reload(args.get("name"), reply),
+            "stop": lambda: Stop(args["name"], reply),
+            "run": lambda: Run(args["name"], reply),
+            "logs": lambda: Logs(args.get("name"), args.get("after", 0),
+                                 args.get("limit", RING), min(float(args.get("wait", 0)),
+                                                              MAX_WAIT), reply),
+            "shutdown": lambda: Shutdown("hotsup shutdown", reply),
+        }
+        self.commands.put_nowait(make[request.cmd]())
+        return reply
 
     # -- command handlers ---------------------------------------------------------
 
     async def _on_reload(self, command: Reload) -> None:
-        targets = [self.runners[command.name]] if command.name in self.runners \
-            else list(self.runners.values()) if command.name is None else []
-        if not targets:
-            log.warning("reload: no bundle named %r", command.name)
-        for runner in targets:
-            runner.request(force=True)
+        if command.name is None:
+            targets = [r for _, r in sorted(self.runners.items()) if not r.stopped]
+        else:
+            targets = [self._runner(command.name)]
+            if targets[0].stopped:
+                raise ControlError(f"{command.name} is stopped; `hotsup run {command.name}` "
+                                   f"brings it back")
+        _reply_when_done([runner.reload() for runner in targets], command.reply,
+                         lambda reports: {"bundles": reports})
+
+    async def _on_stop(self, command: Stop) -> None:
+        runner = self._runner(command.name)
+        _reply_when_done([runner.stop()], command.reply, lambda reports: reports[0])
+
+    async def _on_run(self, command: Run) -> None:
+        runner = self._runner(command.name)
+        _reply_when_done([runner.run_again()], command.reply, lambda reports: reports[0])
+
+    async def _on_status(self, command: Status) -> None:
+        command.reply.set_result({
+            "supervisor": {"pid": os.getpid(), "config": str(self.config.path),
+                           "uptime": round(time.monotonic() - self._started, 1)},
+            "bundles": [runner.status() for _, runner in sorted(self.runners.items())],
+        })
+
+    async def _on_logs(self, command: Logs) -> None:
+        if command.name is not None and command.name not in self.runners \
+                and not self.sink.after(0, command.name, 1):
+            raise ControlError(f"no bundle named {command.name!r}")
+
+        async def answer() -> None:
+            if command.wait > 0 and not self.sink.after(command.after, command.name, 1):
+                try:
+                    await self.sink.wait(command.after, command.wait)
+                except asyncio.CancelledError:
+                    _refuse(command, ControlError("the supervisor is shutting down"))
+                    raise
+            records = self.sink.after(command.after, command.name, command.limit)
+            if not command.reply.done():
+                command.reply.set_result({"records": [asdict(r) for r in records],
+                                          "last": self.sink.last_seq()})
+
+        # A follower's long poll waits outside the command loop.
+        self._background(answer())
 
     async def _on_files_changed(self, command: FilesChanged) -> None:
         bundles_dir = self.config.bundles_dir
@@ -179,16 +293,34 @@ class Supervisor:
 
     def _removed(self, task: asyncio.Task[None]) -> None:
         self._removing.discard(task)
-        if not self._stopping:  # an address it held may be free now
+        if self._stopping is None:  # an address it held may be free now
             for runner in self.runners.values():
                 if runner.state is BundleState.FAILED:
                     runner.request(force=True)
 
     async def _on_shutdown(self, command: Shutdown) -> None:
-        log.info("shutting down (%s): draining every bundle", command.reason)
-        self._stopping = True
+        self._stopping = command.reason
+        if command.reply is not None:
+            command.reply.set_result({"pid": os.getpid()})
 
     # -- helpers ------------------------------------------------------------------
+
+    def _runner(self, name: str) -> BundleRunner:
+        runner = self.runners.get(name)
+        if runner is None:
+            known = ", ".join(sorted(self.runners)) or "none"
+            raise ControlError(f"no bundle named {name!r} (bundles: {known})")
+        return runner
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _add(self, source: BundleSource) -> None:
         assert self._services is not None
@@ -213,12 +345,12 @@ class Supervisor:
         return [r for r in roots if r is not None]
 
     def _watcher_ended(self, task: asyncio.Task[None]) -> None:
-        if not self._stopping and not task.cancelled():
+        if self._stopping is None and not task.cancelled():
             log.error("the file watcher stopped: changes are no longer seen (%r)",
                       task.exception())
 
     def _files_changed(self, paths: set[Path]) -> None:
-        if not self._stopping:
+        if self._stopping is None:
             self.commands.put_nowait(FilesChanged(frozenset(paths)))
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
@@ -231,6 +363,30 @@ class Supervisor:
         for sig, command in table.items():
             loop.add_signal_handler(sig, self.commands.put_nowait, command)
             stack.callback(loop.remove_signal_handler, sig)
+
+
+def _refuse(command: Command, error: ControlError) -> None:
+    reply: Reply | None = getattr(command, "reply", None)
+    if reply is not None and not reply.done():
+        reply.set_exception(error)
+
+
+def _reply_when_done(waiters: list[asyncio.Future[dict[str, Any]]], reply: Reply | None,
+                     shape: Callable[[list[dict[str, Any]]], Any]) -> None:
+    """Resolve ``reply`` with ``shape(reports)`` once every waiter has its report."""
+    if reply is None:
+        return
+    gathered = asyncio.gather(*waiters)
+
+    def done(future: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if reply.done():  # the client went away
+            return
+        if future.cancelled():
+            reply.set_exception(ControlError("the supervisor is shutting down"))
+        else:
+            reply.set_result(shape(future.result()))
+
+    gathered.add_done_callback(done)
 
 
 async def _stop_watcher(watcher: Watcher, task: asyncio.Task[None]) -> None:
@@ -262,10 +418,15 @@ def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     # The lock is ours: any socket file here is a dead supervisor's.
+    _remove_sockets(run_dir)
+    stack.callback(os.close, fd)  # the kernel drops the lock with the fd, even on SIGKILL
+    stack.callback(_remove_sockets, run_dir)  # ours, after a clean exit
+
+
+def _remove_sockets(run_dir: Path) -> None:
     for name in ("workers", "control"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(run_dir / name)
-    stack.callback(os.close, fd)  # the kernel drops the lock with the fd, even on SIGKILL
 
 
 def setup_logging(sink: LogSink, level: str) -> None:
@@ -275,11 +436,12 @@ def setup_logging(sink: LogSink, level: str) -> None:
     root.propagate = False
 
 
-def run(config: Config) -> int:
-    """``hotsup start``: serve until SIGINT/SIGTERM, then drain and return 0."""
+def run(config: Config, json_logs: bool = False) -> int:
+    """``hotsup start``: serve until SIGINT/SIGTERM or ``hotsup shutdown``, then
+    drain and return 0. ``json_logs``: one JSON object per log record."""
     import uvloop
 
-    sink = LogSink(sys.stderr)
+    sink = LogSink(sys.stderr, json=json_logs)
     setup_logging(sink, config.log_level)
     try:
         return uvloop.run(Supervisor(config, sink).serve())

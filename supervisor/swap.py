@@ -24,6 +24,7 @@ the old generation keeps serving with its state, and the error is reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
@@ -83,6 +84,28 @@ class BundleState(enum.Enum):
     STOPPED = "stopped"
 
 
+class Result(enum.Enum):
+    """What one pass of a bundle's loop did (``hotsup reload`` reports it)."""
+
+    SWAPPED = "swapped"
+    STARTED = "started"
+    RESTARTED = "restarted"
+    UNCHANGED = "unchanged"
+    ROLLED_BACK = "rolled back"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Result
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result not in (Result.ROLLED_BACK, Result.FAILED)
+
+
 class IllegalMove(RuntimeError):
     pass
 
@@ -129,6 +152,7 @@ class Generation:
     process: Worker
     state: GenState = GenState.SPAWNING
     hooks: dict[str, bool] = field(default_factory=dict)
+    serving_since: float | None = None  # time.monotonic() when it became current
 
     @property
     def tag(self) -> str:
@@ -155,12 +179,15 @@ class BundleRunner:
         self.source = source
         self.name = source.name
         self.svc = services
+        #: Its records also go to the bundle's ring, for ``hotsup logs NAME``.
+        self.log = logging.LoggerAdapter(log, {"bundle": self.name})
         self.state = BundleState.STARTING
         self.current: Generation | None = None
         self.restarts = 0
         self.last_error: str | None = None
         self.last_swap_ms: float | None = None
         self.last_pause_ms: float | None = None
+        self.last_swap_at: float | None = None  # unix time
         self.swaps = 0
         self._number = 0
         self._tried: str | None = None  # the content digest last tried
@@ -179,6 +206,11 @@ class BundleRunner:
         self._task: asyncio.Task[None] | None = None
         self._busy_retries = 0
         self._retry: asyncio.TimerHandle | None = None
+        # Who waits for the next pass's outcome (reload, stop, run), and
+        # whether the operator took the bundle down (``hotsup stop``).
+        self._waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._down = False
+        self._down_asked = asyncio.Event()
 
     def start(self) -> None:
         """Start the bundle's loop; its first pass starts generation 1."""
@@ -195,6 +227,36 @@ class BundleRunner:
         self._force = self._force or force
         self._wake.set()
 
+    def reload(self) -> asyncio.Future[dict[str, Any]]:
+        """Swap now, even if nothing changed; the future gets the pass's report."""
+        return self._ask(force=True)
+
+    def stop(self) -> asyncio.Future[dict[str, Any]]:
+        """Take the bundle down (``hotsup stop``): retire its generation, close its
+        ports, ignore file changes until ``run()``."""
+        self._down = True
+        self._down_asked.set()  # cuts a crash backoff short
+        self._cancel_retry()
+        return self._ask(force=False)
+
+    def run_again(self) -> asyncio.Future[dict[str, Any]]:
+        """Bring a stopped or failed bundle back (``hotsup run``), as if its
+        files were new: crash history and retries start afresh."""
+        self._down = False
+        self._down_asked.clear()
+        self._tried = None
+        return self._ask(force=True)
+
+    @property
+    def stopped(self) -> bool:
+        return self._down
+
+    def _ask(self, force: bool) -> asyncio.Future[dict[str, Any]]:
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.request(force)
+        return waiter
+
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
@@ -204,14 +266,36 @@ class BundleRunner:
             if self._closed:
                 return
             force, self._force = self._force, False
+            waiters, self._waiters = self._waiters, []
+            started = time.monotonic()
+            outcome = Outcome(Result.FAILED, "the supervisor is shutting down")
             try:
-                current = self.current
-                if current is not None and current.process.exited.done():
-                    await self._recover(current)
-                else:
-                    await self._advance(force)
+                outcome = await self._pass(force)
             except Exception:
-                log.exception("%s: internal error in the swap loop", self.name)
+                self.log.exception("%s: internal error in the swap loop", self.name)
+                outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
+            finally:  # also when close() cancels the pass: nobody waits for ever
+                self._answer(waiters, outcome, started)
+
+    async def _pass(self, force: bool) -> Outcome:
+        if self._down:
+            if self.state is BundleState.STOPPED:
+                return Outcome(Result.STOPPED, "already stopped")
+            return await self._take_down()
+        current = self.current
+        if current is not None and current.process.exited.done():
+            return await self._recover(current)
+        return await self._advance(force)
+
+    def _answer(self, waiters: list[asyncio.Future[dict[str, Any]]], outcome: Outcome,
+                started: float) -> None:
+        report = {"name": self.name, "result": outcome.result.value, "ok": outcome.ok,
+                  "message": outcome.message,
+                  "generation": self.current.number if self.current else None,
+                  "duration_ms": _round((time.monotonic() - started) * 1000)}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(report)
 
     async def close(self) -> None:
         """Stop the loop (cutting short a swap or a backoff), retire every serving
@@ -233,6 +317,9 @@ class BundleRunner:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self.svc.sockets.release_unused(self, [])
         self.state = BundleState.STOPPED
+        self._answer(self._waiters, Outcome(Result.FAILED, "the supervisor is shutting down"),
+                     time.monotonic())
+        self._waiters = []
 
     def status(self) -> dict[str, Any]:
         gen = self.current
@@ -246,20 +333,23 @@ class BundleRunner:
             "last_swap_ms": _round(self.last_swap_ms),
             "last_pause_ms": _round(self.last_pause_ms),
             "last_error": self.last_error,
+            "uptime": _round(time.monotonic() - gen.serving_since)
+            if gen and gen.serving_since is not None else None,
+            "last_swap_at": self.last_swap_at,
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
         }
 
     # -- the steps --------------------------------------------------------------
 
-    async def _advance(self, force: bool) -> None:
+    async def _advance(self, force: bool) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
         digest = await self.svc.digest(self.source)
-        if digest is None:
-            return  # the directory is gone; the supervisor removes us
+        if digest is None:  # the supervisor removes us
+            return Outcome(Result.UNCHANGED, "the bundle directory is gone")
         if not force and digest == self._tried:
-            return
+            return Outcome(Result.UNCHANGED, "no change")
         if digest != self._tried:  # new content: a fresh start for its tries and restarts
             self._busy_retries = 0
             self._crashes.clear()
@@ -268,41 +358,40 @@ class BundleRunner:
         try:
             spec = load_bundle(self.source, self.svc.config)
         except ConfigError as exc:
-            keeps = BundleState.RUNNING if self.current is not None else BundleState.FAILED
-            self._report("cannot load the bundle: " + "; ".join(exc.problems), keeps)
-            return
+            message = "cannot load the bundle: " + "; ".join(exc.problems)
+            if self.current is not None:
+                return self._report(message, BundleState.RUNNING, Result.ROLLED_BACK)
+            return self._report(message, BundleState.FAILED)
         if self.current is None:
-            await self._start(spec, self._last_state)
-        else:
-            await self._swap(spec, started)
+            return await self._start(spec, self._last_state)
+        return await self._swap(spec, started)
 
-    async def _start(self, spec: BundleSpec, state: bytes | None) -> None:
+    async def _start(self, spec: BundleSpec, state: bytes | None) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""
         self.state = BundleState.STARTING
         try:
             new = await self._spawn(spec)
         except SwapAborted as exc:
-            self._report(str(exc), BundleState.FAILED)
-            return
+            return self._report(str(exc), BundleState.FAILED)
         try:
             await self._load(new)
             await self._begin(new, state if new.hooks.get("restore") else None)
         except SwapAborted as exc:
             await self._discard(new, str(exc))
-            self._report(f"{new.tag} did not start: {exc}", BundleState.FAILED)
-            return
+            return self._report(f"{new.tag} did not start: {exc}", BundleState.FAILED)
         self._make_current(new, spec)
-        log.info("%s: serving (pid %s)", new.tag, new.process.pid)
+        self.log.info("%s: serving (pid %s)", new.tag, new.process.pid)
+        return Outcome(Result.STARTED, f"{new.tag} serving")
 
-    async def _swap(self, spec: BundleSpec, started: float) -> None:
+    async def _swap(self, spec: BundleSpec, started: float) -> Outcome:
         old = self.current
         assert old is not None
         self.state = BundleState.SWAPPING
         try:
             new = await self._spawn(spec)
         except SwapAborted as exc:
-            self._report(f"swap aborted, {old.tag} keeps serving: {exc}", BundleState.RUNNING)
-            return
+            return self._report(f"swap aborted, {old.tag} keeps serving: {exc}",
+                                BundleState.RUNNING, Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: bytes | None = None
         try:
@@ -321,25 +410,38 @@ class BundleRunner:
                 raise  # a bug: run() logs it; the old generation is serving again
             if resumed:
                 again = self._retry_later() if exc.transient else ""
-                self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: {exc}"
-                             f"{again}", BundleState.RUNNING)
-            else:
-                self._report(f"swap to {new.tag} rolled back: {exc}; {old.tag} could not "
-                             f"resume and is restarted", BundleState.STARTING)
-            return
+                return self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: "
+                                    f"{exc}{again}", BundleState.RUNNING, Result.ROLLED_BACK)
+            return self._report(f"swap to {new.tag} rolled back: {exc}; {old.tag} could not "
+                                f"resume and is restarted", BundleState.STARTING,
+                                Result.ROLLED_BACK)
         ready_at = time.monotonic()
         self._make_current(new, spec)
         self.last_error = None
         self._busy_retries = 0
         self.swaps += 1
+        self.last_swap_at = time.time()
         self.last_swap_ms = (ready_at - started) * 1000
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
         mode = "hand-over" if paused_at is not None else "overlap"
-        log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
+        self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
                  self.last_swap_ms, mode, self.last_pause_ms)
         self._retire_later(old)
+        return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
+                                       f"{self.last_pause_ms:.1f} ms)")
 
-    async def _recover(self, crashed: Generation) -> None:
+    async def _take_down(self) -> Outcome:
+        """``hotsup stop``: retire the serving generation and close the ports."""
+        gen, self.current = self.current, None
+        self._serving = None
+        if gen is not None:
+            await self._retire(gen)  # drain, stop(), exit
+        self._release_sockets()
+        self.state = BundleState.STOPPED
+        self.log.info("%s: stopped", self.name)
+        return Outcome(Result.STOPPED, f"{gen.tag} retired" if gen else "nothing was running")
+
+    async def _recover(self, crashed: Generation) -> Outcome:
         """The serving generation died: restart it with backoff, within the
         restart intensity (more than max_restarts in restart_window: give up)."""
         how = await crashed.process.describe_exit()
@@ -356,16 +458,20 @@ class BundleRunner:
                 failures, self._crashes = len(self._crashes), []  # new content: a clean slate
                 self._serving = None
                 self._release_sockets()  # refuse clients rather than leave them queued
-                self._report(f"{error}; {failures} failures within "
-                             f"{timing.restart_window:g}s, giving up until the files change",
-                             BundleState.FAILED)
-                return
+                return self._report(f"{error}; {failures} failures within "
+                                    f"{timing.restart_window:g}s, giving up until the files "
+                                    f"change or `hotsup run {self.name}`", BundleState.FAILED)
             delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
             self._report(f"{error}; restarting in {delay:.1f}s", BundleState.STARTING)
             self.restarts += 1
-            await asyncio.sleep(delay)  # a backoff; close() cancels it
+            # A backoff: close() cancels it, stop() cuts it short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._down_asked.wait(), delay)
+            if self._down:
+                return Outcome(Result.STOPPED, f"{error}; stopped before the restart")
             await self._advance(force=True)
             error = self.last_error or "the restart failed"
+        return Outcome(Result.RESTARTED, f"{crashed.tag} crashed; {self.current.tag} serving")
 
     # -- one generation's moves ------------------------------------------------
 
@@ -384,7 +490,7 @@ class BundleRunner:
         gen = Generation(self._number, spec, process)
         self._gens[gen.number] = gen
         process.exited.add_done_callback(lambda _: self._on_exit(gen))
-        log.debug("%s: spawned pid %d", gen.tag, process.pid)
+        self.log.debug("%s: spawned pid %d", gen.tag, process.pid)
         return gen
 
     async def _load(self, gen: Generation) -> None:
@@ -435,7 +541,7 @@ class BundleRunner:
             # Frozen, or still inside snapshot(). Kill it: its exit wakes the
             # loop, which restarts the bundle, from this snapshot if we have
             # one (it holds everything: nothing was accepted since).
-            log.error("%s: could not resume (%s); restarting it", gen.tag, exc)
+            self.log.error("%s: could not resume (%s); restarting it", gen.tag, exc)
             if snapshot is not None:
                 self._last_state = snapshot
             gen.process.kill()
@@ -455,15 +561,15 @@ class BundleRunner:
         try:
             await gen.process.call(P.OP_RETIRE, drain + STOP_GRACE, drain_timeout=drain)
         except WorkerError as exc:
-            log.warning("%s: retire: %s", gen.tag, exc)
+            self.log.warning("%s: retire: %s", gen.tag, exc)
         if not await gen.process.wait_exit(STOP_GRACE):
-            log.warning("%s: still running after retiring; killing it", gen.tag)
+            self.log.warning("%s: still running after retiring; killing it", gen.tag)
         gen.process.kill()  # the whole group: helpers it left behind too
         await gen.process.wait_exit(STOP_GRACE)
         self._move(gen, S.EXITED)
         await self._forget(gen)
         self._release_sockets()
-        log.info("%s: retired", gen.tag)
+        self.log.info("%s: retired", gen.tag)
 
     async def _discard(self, gen: Generation, why: str) -> None:
         """Kill a generation that will never serve (or a discard cut short), and reap it."""
@@ -471,10 +577,10 @@ class BundleRunner:
             self._move(gen, S.FAILED)
         gen.process.kill()
         if not await gen.process.wait_exit(STOP_GRACE):
-            log.error("%s: did not exit after SIGKILL", gen.tag)
+            self.log.error("%s: did not exit after SIGKILL", gen.tag)
         await self._forget(gen)
         self._release_sockets()
-        log.debug("%s: discarded: %s", gen.tag, why)
+        self.log.debug("%s: discarded: %s", gen.tag, why)
 
     async def _forget(self, gen: Generation) -> None:
         await gen.process.close()
@@ -483,7 +589,7 @@ class BundleRunner:
     def _move(self, gen: Generation, to: GenState) -> None:
         if to not in MOVES[gen.state]:
             raise IllegalMove(f"{gen.tag}: {gen.state.value} -> {to.value} is not a legal move")
-        log.debug("%s: %s -> %s", gen.tag, gen.state.value, to.value)
+        self.log.debug("%s: %s -> %s", gen.tag, gen.state.value, to.value)
         gen.state = to
 
     # -- helpers ------------------------------------------------------------------
@@ -512,6 +618,7 @@ class BundleRunner:
 
     def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
         self.current = gen
+        gen.serving_since = time.monotonic()
         self._serving = spec
         self.state = BundleState.RUNNING
         if gen.process.exited.done():  # it died while we made it current
@@ -523,11 +630,13 @@ class BundleRunner:
         keep += [spec for spec in (self._serving, self._spawning) if spec is not None]
         self.svc.sockets.release_unused(self, keep)
 
-    def _report(self, message: str, state: BundleState) -> None:
+    def _report(self, message: str, state: BundleState,
+                result: Result = Result.FAILED) -> Outcome:
         """An error for the log and status; the bundle is now in ``state``."""
         self.last_error = message
         self.state = state
-        log.error("%s: %s", self.name, message, extra={"bundle": self.name})
+        self.log.error("%s: %s", self.name, message)
+        return Outcome(result, message)
 
 
 def _round(value: float | None) -> float | None:

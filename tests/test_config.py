@@ -836,13 +836,10 @@ def test_check_reports_a_module_the_worker_runtime_shadows(tmp_path: Path) -> No
     assert problems[0].startswith(f"{bundle / 'token.py'} is shadowed by the module 'token'")
 
 
-def test_multiprocessing_logging_is_refused_until_it_is_built(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "bundles" / "mp",
-                         'entry = "app:App"\nmultiprocessing_logging = true\n')
-    problems = check(make_config(tmp_path))
-    assert problems == [f"{bundle / 'bundle.toml'}: multiprocessing_logging: not supported yet: "
-                        "a bundle's forked helpers log through the worker's pipe already; "
-                        "remove the key"]
+def test_multiprocessing_logging_is_accepted(tmp_path: Path) -> None:
+    make_bundle(tmp_path / "bundles" / "mp", 'entry = "app:App"\nmultiprocessing_logging = true\n')
+    config = load_config(make_config(tmp_path))
+    assert load_bundle(config.sources()["mp"], config).multiprocessing_logging is True
 
 
 def test_check_reports_a_preload_that_cannot_be_imported(tmp_path: Path) -> None:

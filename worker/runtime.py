@@ -116,6 +116,13 @@ def _setup_logging(spec: P.SpawnSpec) -> logging.Logger:
         root.removeHandler(handler)
     root.addHandler(_JsonLineHandler(spec["bundle"], spec["generation"]))
     root.setLevel(spec["log_level"].upper())
+    if spec["multiprocessing_logging"]:
+        # Helpers the bundle forks with multiprocessing inherit a handler that
+        # queues their records to a thread of this worker, which writes each
+        # one whole to the pipe: never interleaved with another process's.
+        import multiprocessing_logging
+
+        multiprocessing_logging.install_mp_handler(root)
     return logging.getLogger(f"hotsup.bundle.{spec['bundle']}")
 
 

@@ -1,0 +1,306 @@
+"""The control plane: how ``hotsup status|reload|stop|run|logs|shutdown`` talk
+to a running supervisor. Both ends live here; this docstring is the protocol.
+
+Transport: ZeroMQ. The supervisor binds a ROUTER on ``ipc://<run_dir>/control``;
+run_dir is 0700 and the socket file 0600, so only their owner can connect
+(ipc sockets are files; abstract ``ipc://@name`` ones would be open to every
+local user). A client connects a DEALER, sends one request and waits for its
+reply with a deadline. The server refuses requests over ``MAX_REQUEST`` bytes
+(ZeroMQ drops such a peer), answers anything malformed with an error reply,
+and never lets input raise.
+
+Version 1. A request is one frame, a UTF-8 JSON object::
+
+    {"v": 1, "id": "<string>", "cmd": "<command>", "args": {...}}
+
+A reply is one frame, echoing the request's id (null if it had none)::
+
+    {"v": 1, "id": "...", "ok": true, "result": {...}}
+    {"v": 1, "id": "...", "ok": false, "error": "<one line for a person>"}
+
+Commands (``args`` -> ``result``); unknown args are errors:
+
+* ``status`` {} -> ``{"supervisor": {"pid", "config", "uptime"}, "bundles": [...]}``,
+  one object per bundle with the fields of DESIGN.md (name, state, generation,
+  pid, restarts, version, last_swap_ms, last_pause_ms, last_error) and
+  uptime (seconds the serving generation has served), last_swap_at (unix
+  time), swaps, sockets.
+* ``reload`` {"name": str or null (all)} -> ``{"bundles": [report, ...]}``, sent
+  when every swap asked for has finished.
+* ``stop`` {"name"} / ``run`` {"name"} -> a report, once the bundle is down / up.
+* ``logs`` {"name": str or null, "after": int, "limit": int, "wait": float}
+  -> ``{"records": [record, ...], "last": int}``: the newest ``limit`` records
+  numbered above ``after`` (a ``LogSink`` record: seq, ts, level, tag, bundle,
+  generation, msg); with ``wait`` > 0 and none yet, the reply waits up to that
+  long (at most ``MAX_WAIT``) for one: that is how ``logs -f`` follows.
+* ``shutdown`` {} -> ``{"pid": int}``; the supervisor then drains and exits.
+
+A report is ``{"name", "result", "ok", "message", "generation", "duration_ms"}``;
+``result`` is one of ``swap.Result``'s values, ``ok`` false for "rolled back"
+and "failed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger("hotsup")
+
+VERSION: Final = 1
+#: The largest request the supervisor accepts (bytes).
+MAX_REQUEST: Final = 64 * 1024
+#: The longest a ``logs`` request may wait for a new record (seconds).
+MAX_WAIT: Final = 5.0
+#: Requests answered at once; more are refused until some are done.
+MAX_INFLIGHT: Final = 64
+#: The name of the control socket inside run_dir.
+SOCKET_NAME: Final = "control"
+
+_NONE = type(None)
+#: Each command's arguments: name -> (accepted types, required).
+COMMANDS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
+    "status": {},
+    "reload": {"name": ((str, _NONE), False)},
+    "stop": {"name": ((str,), True)},
+    "run": {"name": ((str,), True)},
+    "logs": {"name": ((str, _NONE), False), "after": ((int,), False),
+             "limit": ((int,), False), "wait": ((int, float), False)},
+    "shutdown": {},
+}
+
+
+class ControlError(Exception):
+    """A request the supervisor refused or could not carry out; the message says why."""
+
+
+class BadRequest(ControlError):
+    """A request that is not valid version-1; ``request_id`` if it could be read."""
+
+    def __init__(self, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class Unreachable(Exception):
+    """No supervisor answered: none is running, it is not ours, or it did not reply."""
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+
+
+def endpoint(run_dir: Path) -> str:
+    return f"ipc://{run_dir / SOCKET_NAME}"
+
+
+def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
+    """The id and the request in ``frames``; BadRequest for anything that is
+    not a valid version-1 request."""
+    if len(frames) != 1:
+        raise BadRequest(f"expected one frame, got {len(frames)}")
+    try:
+        body = json.loads(frames[0])
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the request is not a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request is not a JSON object")
+    request_id = body.get("id")
+    if not isinstance(request_id, str | int | _NONE) or isinstance(request_id, bool):
+        request_id = None
+    try:
+        if body.get("v") != VERSION:
+            raise ControlError(f"unsupported protocol version {body.get('v')!r} (this "
+                               f"supervisor speaks {VERSION})")
+        cmd, args = body.get("cmd"), body.get("args", {})
+        if not isinstance(cmd, str) or cmd not in COMMANDS:
+            raise ControlError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
+        if not isinstance(args, dict):
+            raise ControlError("args must be a JSON object")
+        _check_args(cmd, args)
+    except ControlError as exc:
+        raise BadRequest(str(exc), request_id) from None
+    return request_id, Request(cmd, args)
+
+
+def _check_args(cmd: str, args: dict[str, Any]) -> None:
+    accepted = COMMANDS[cmd]
+    for name in args:
+        if name not in accepted:
+            raise ControlError(f"{cmd}: unknown argument {name!r}")
+    for name, (types, required) in accepted.items():
+        if name not in args:
+            if required:
+                raise ControlError(f"{cmd}: argument {name!r} is required")
+            continue
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+            raise ControlError(f"{cmd}: argument {name!r} must be {wanted}")
+
+
+def _reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
+    body: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": error is None}
+    if error is None:
+        body["result"] = result
+    else:
+        body["error"] = error
+    return json.dumps(body).encode()
+
+
+# -- the supervisor's end ---------------------------------------------------------
+
+#: Carries out a valid request: returns a future of its result, or raises
+#: ControlError (or sets it on the future) when it cannot.
+Submit = Callable[[Request], "asyncio.Future[Any]"]
+
+
+class ControlServer:
+    """The ROUTER the CLI talks to. Each request is answered by its own task,
+    so a ``reload`` that waits for its swap does not hold up ``status``."""
+
+    def __init__(self, zctx: zmq.asyncio.Context, run_dir: Path, submit: Submit) -> None:
+        self.path = run_dir / SOCKET_NAME
+        self._submit = submit
+        self._sock = zctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 500)  # time for the last replies to leave
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not hangs
+        self._sock.bind(endpoint(run_dir))
+        os.chmod(self.path, 0o600)  # run_dir is 0700 already; this holds if it is not
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._receiver: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._receiver = asyncio.ensure_future(self._receive())
+
+    async def close(self) -> None:
+        """Stop taking requests; let answers already on their way leave (1 s at
+        most), then close."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._sock.close()
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            route, body = frames[0], frames[1:]
+            if len(self._tasks) >= MAX_INFLIGHT:
+                await self._send(route, _reply(None, error="too many requests in flight"))
+                continue
+            task = asyncio.ensure_future(self._answer(route, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, route: bytes, body: list[bytes]) -> None:
+        request_id: Any = None
+        try:
+            request_id, request = parse_request(body)
+            result = await self._submit(request)
+            reply = _reply(request_id, result)
+        except BadRequest as exc:
+            reply = _reply(exc.request_id, error=str(exc))
+        except ControlError as exc:
+            reply = _reply(request_id, error=str(exc))
+        except Exception:
+            log.exception("control: failed to answer a request")
+            reply = _reply(request_id, error="internal error (see the supervisor's log)")
+        await self._send(route, reply)
+
+    async def _send(self, route: bytes, reply: bytes) -> None:
+        try:
+            await self._sock.send_multipart([route, reply])
+        except zmq.ZMQError as exc:  # the client gave up and went away
+            log.debug("control: reply not delivered: %s", exc)
+
+
+# -- the command line's end ---------------------------------------------------------
+
+def probe(run_dir: Path) -> None:
+    """Raise Unreachable, with a one-line reason, unless a supervisor listens
+    on run_dir's control socket and we may talk to it."""
+    path = run_dir / SOCKET_NAME
+    try:
+        info = os.stat(run_dir)
+    except FileNotFoundError:
+        raise Unreachable(f"no hotsup is running here: {run_dir} does not exist") from None
+    except PermissionError:
+        raise Unreachable(f"permission denied: cannot read {run_dir}") from None
+    if info.st_uid != os.getuid():
+        raise Unreachable(f"{run_dir} belongs to uid {info.st_uid}, not to you "
+                          f"(uid {os.getuid()}): refusing to talk to its supervisor")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise Unreachable(f"{run_dir} is open to other users (mode "
+                          f"{stat.S_IMODE(info.st_mode):o}); a supervisor makes it 0700")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise Unreachable(f"no hotsup is running with run_dir {run_dir}") from None
+        except ConnectionRefusedError:
+            raise Unreachable(f"no hotsup is running with run_dir {run_dir} (its control "
+                              f"socket was left by a supervisor that died)") from None
+        except PermissionError:
+            raise Unreachable(f"permission denied: {path}") from None
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise Unreachable(f"cannot connect to {path}: {exc.strerror}") from None
+            raise Unreachable(f"{path}: the path is too long for a unix socket") from None
+
+
+class ControlClient:
+    """A synchronous client: one request, one reply, each with a deadline."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def request(self, cmd: str, timeout: float, **args: Any) -> Any:
+        """The command's result. Unreachable if no supervisor answers within
+        ``timeout`` seconds; ControlError if it answered with an error."""
+        probe(self.run_dir)
+        request_id = secrets.token_hex(8)
+        zctx = zmq.Context()
+        sock = zctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint(self.run_dir))
+            sock.send(json.dumps({"v": VERSION, "id": request_id, "cmd": cmd,
+                                  "args": args}).encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    raise Unreachable(f"the supervisor did not answer {cmd!r} within "
+                                      f"{timeout:g}s")
+                reply = json.loads(sock.recv())
+                if isinstance(reply, dict) and reply.get("id") == request_id:
+                    break  # anything else is a stale reply to an earlier request
+        finally:
+            sock.close()
+            zctx.term()
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error", "the supervisor refused the request")))
+        return reply.get("result")
+
