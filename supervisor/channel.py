@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,8 @@ class WorkerChannel:
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_WORKER_MESSAGE)
         self._sock.bind(endpoint)
+        if endpoint.startswith("ipc://"):  # run_dir is 0700 already; this holds if it is not
+            os.chmod(endpoint.removeprefix("ipc://"), 0o600)
         self._by_token: dict[str, Handler] = {}
         self._routes: dict[bytes, str] = {}  # routing id -> token
         self._task: asyncio.Task[None] | None = None

@@ -325,11 +325,20 @@ def run_dir_of(path: Path) -> Path:
 
 def load_config(path: Path) -> Config:
     """Read and validate config.toml; raises ConfigError listing every problem."""
+    config, problems = _read_config(path)
+    if config is None or problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read_config(path: Path) -> tuple[Config | None, list[str]]:
+    """config.toml as far as it can be read (a bad value is replaced by its
+    default), and every problem found; None if it cannot be read at all."""
     path = path.resolve() if path.exists() else path.absolute()
     problems = _Problems(path)
     data = _read_toml(path, problems)
     if data is None:
-        raise ConfigError(problems.lines)
+        return None, problems.lines
     base = path.parent
     _unknown(data, _TOP_KEYS, "", problems)
 
@@ -367,14 +376,11 @@ def load_config(path: Path) -> Config:
         else:
             problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
     declared = _declared(_table(data, "bundles", problems), base, bundles_dir, problems)
-
-    if problems.lines:
-        raise ConfigError(problems.lines)
     return Config(
         path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
         watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
         declared=declared,
-    )
+    ), problems.lines
 
 
 def _declared(tables: dict[str, Any], base: Path, bundles_dir: Path | None,
@@ -549,12 +555,14 @@ def preload_conflicts(config: Config, sources: list[BundleSource]) -> list[str]:
 
 
 def check(config_path: Path) -> list[str]:
-    """Every problem in config.toml and its bundles, without starting anything."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        return exc.problems
-    problems: list[str] = []
+    """Every problem in config.toml and its bundles, without starting anything.
+
+    The bundles are checked even when config.toml has problems (with the
+    defaults standing in for its bad values), so one run lists everything.
+    """
+    config, problems = _read_config(config_path)
+    if config is None:
+        return problems
     owners: dict[str, str] = {}
     sources = config.sources()
     zygote_modules, preload_errors = _zygote_modules(config.preload)

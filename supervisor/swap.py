@@ -435,6 +435,12 @@ class BundleRunner:
         gen, self.current = self.current, None
         self._serving = None
         if gen is not None:
+            if gen.hooks.get("snapshot") and not gen.process.exited.done():
+                try:  # quiesce and keep its state: `hotsup run` starts from it
+                    self._last_state = await self._pause(gen)
+                except SwapAborted as exc:
+                    self.log.warning("%s: stopping without a snapshot (%s); `hotsup run` will "
+                                     "start from the last state handed over", gen.tag, exc)
             await self._retire(gen)  # drain, stop(), exit
         self._release_sockets()
         self.state = BundleState.STOPPED

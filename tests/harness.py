@@ -212,6 +212,16 @@ class Hotsup:
 
         return str(wait_for(alive_or_found, timeout, f"log line {pattern!r} (#{count})"))
 
+    def cli(self, *args: str, timeout: float = 60.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``hotsup ARGS -c config.toml`` (the command line against this
+        supervisor) to its end."""
+        command = [sys.executable, "-m", "hotsup.supervisor.cli", *args]
+        if args and args[0] not in ("start", "check"):
+            command += ["-c", str(self.config)]
+        return subprocess.run(command, cwd=self.root, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

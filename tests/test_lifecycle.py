@@ -126,6 +126,8 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
     sup.signal(signal.SIGKILL)
     assert sup.proc is not None and sup.proc.wait(10) == -signal.SIGKILL
     wait_for(lambda: session_pids(sup.pid) == [], 2.0, "the zygote, workers and helpers to exit")
+    stale = sup.cli("status", timeout=20)
+    assert stale.returncode == 3 and "left by a supervisor that died" in stale.stderr
 
     # and the next start comes up cleanly on the same run_dir and port
     again = Hotsup(sup.root)
@@ -133,6 +135,7 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
     try:
         again.wait_log(r"counter@1: serving", count=2)
         assert request(port).startswith("count=1 generation=1")
+        assert again.cli("status").returncode == 0, "the stale socket was replaced"
         assert again.stop() == 0
     finally:
         again.kill_everything()
