@@ -289,7 +289,7 @@ class Run:
         result: dict[str, Any] = {
             "swaps": self.swaps,
             "warmup_swaps": self.warmup,
-            "swaps_done": max(0, end.swap - self.warmup),
+            "swaps_done": len(self.latencies or []),
             "swaps_timed_out": self.timed_out,
             "aborted": self.aborted,
             "swap_ms": {"p50": ms(50), "p99": ms(99), "max": ms(100)},

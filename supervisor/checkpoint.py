@@ -124,7 +124,8 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoints of one run_dir, and the key that vouches for them.
 
-    Construction creates the directory (0700) and the key if they are missing,
+    ``run_dir`` must exist (the supervisor makes it, owner-only). Construction
+    creates the directory (0700) and the key if they are missing,
     and refuses (``CheckpointError``) a directory or key it cannot trust.
     One store per run_dir at a time: the supervisor's run_dir lock ensures it.
     """
