@@ -25,7 +25,6 @@ A client that fails waits 10 ms before its next request (no busy spinning), so
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -34,28 +33,21 @@ import platform
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
-CLIENT_TIMEOUT = 10.0
+from clients import HOST, Load, free_port, wait_serving
+from processes import notable_log_lines, stop_process
+
 SWAP_DEADLINE = 10.0
-START_DEADLINE = 30.0
-STOP_WAIT = 30.0
-FAIL_PAUSE = 0.010
 TARGETS = {"p50_ms": 60, "p99_ms": 150}
-REPLY = re.compile(rb"count=(\d+) tag=(\S+)")
+REPLY = re.compile(rb"count=(?P<count>\d+) tag=(?P<mark>\S+)")
 
 CONFIG = """\
 [supervisor]
@@ -149,126 +141,9 @@ asyncio.run(main())
 '''
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
-
-
-# -- load ---------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    t: float
-    count: int
-    tag: str
-    client: int
-
-
-@dataclass
-class Load:
-    """K client threads: connect, ``incr``, read one line, close, until stopped."""
-
-    port: int
-    clients: int
-    replies: list[Reply] = field(default_factory=list)
-    failures: Counter[str] = field(default_factory=Counter)
-    first_seen: dict[str, float] = field(default_factory=dict)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for i in range(self.clients):
-            thread = threading.Thread(target=self._client, args=(i,), name=f"client-{i}",
-                                      daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(CLIENT_TIMEOUT + 5)
-
-    @property
-    def requests(self) -> int:
-        with self.cond:
-            return len(self.replies) + sum(self.failures.values())
-
-    def wait_tag(self, tag: str, deadline: float) -> float | None:
-        """The monotonic time of the first reply carrying ``tag``; None past the deadline."""
-        with self.cond:
-            while tag not in self.first_seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-            return self.first_seen[tag]
-
-    def _client(self, index: int) -> None:
-        while not self.stop_event.is_set():
-            kind, reply = self._one(index)
-            with self.cond:
-                if reply is not None:
-                    self.replies.append(reply)
-                    if reply.tag not in self.first_seen:
-                        self.first_seen[reply.tag] = reply.t
-                        self.cond.notify_all()
-                else:
-                    self.failures[kind] += 1
-            if reply is None:
-                self.stop_event.wait(FAIL_PAUSE)
-
-    def _one(self, index: int) -> tuple[str, Reply | None]:
-        try:
-            with socket.create_connection((HOST, self.port), timeout=CLIENT_TIMEOUT) as sock:
-                sock.sendall(b"incr\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            now = time.monotonic()
-        except ConnectionRefusedError:
-            return "refused", None
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-            return "reset", None
-        except TimeoutError:
-            return "timeout", None
-        except OSError as exc:
-            return f"oserror:{exc.errno}", None
-        match = REPLY.search(data)
-        if not data.endswith(b"\n") or match is None:
-            return "bad_reply", None
-        return "", Reply(now, int(match.group(1)), match.group(2).decode(), index)
-
-
-def probe(port: int) -> bool:
-    """True once the port answers a ``get`` with a well-formed reply."""
-    try:
-        with socket.create_connection((HOST, port), timeout=1.0) as sock:
-            sock.sendall(b"get\n")
-            return REPLY.search(sock.recv(4096)) is not None
-    except OSError:
-        return False
-
-
-def wait_serving(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + START_DEADLINE
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before serving")
-        if probe(port):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} did not answer on port {port} within {START_DEADLINE:g}s")
 
 
 # -- results ------------------------------------------------------------------------
@@ -339,27 +214,6 @@ def swap_loop(load: Load, swaps: int, write: Callable[[str], None],
 # -- the two contenders -------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, group: bool) -> None:
-    """SIGTERM, wait; then SIGKILL (the whole process group, for the supervisor)."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_WAIT if group else 5.0)
-    if group:
-        # start_new_session=True: its pgid is its pid. The zygote shares it;
-        # workers have their own groups and leave when the supervisor is gone.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    elif proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5.0)
-
-
 def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     port = free_port()
     bundle = work / "bundles" / "counter"
@@ -376,8 +230,8 @@ def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
                 cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            wait_serving(port, proc, "hotsup")
-            load = Load(port, clients)
+            wait_serving(port, proc, "hotsup", REPLY)
+            load = Load(port, clients, REPLY)
             load.start()
             load.wait_tag("v0", time.monotonic() + SWAP_DEADLINE)
             latencies = swap_loop(load, swaps,
@@ -413,8 +267,8 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     try:
         launch()
         assert current[0] is not None
-        wait_serving(port, current[0], "restart peer")
-        load = Load(port, clients)
+        wait_serving(port, current[0], "restart peer", REPLY)
+        load = Load(port, clients, REPLY)
         load.start()
         load.wait_tag("v0", time.monotonic() + SWAP_DEADLINE)
         latencies = swap_loop(
@@ -429,15 +283,6 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
 
 
 # -- main ---------------------------------------------------------------------------
-
-
-def notable_log_lines(path: Path, limit: int = 30) -> list[str]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    keys = (" ERROR ", " WARNING ", " CRITICAL ", "Traceback", " OUTPUT ")
-    return [line for line in lines if any(k in line for k in keys)][:limit]
 
 
 def table(result: dict[str, Any]) -> str:
