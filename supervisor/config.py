@@ -50,6 +50,15 @@ class Timing:
     checkpoint_interval: float = 0.0
     max_restarts: int = 5
     restart_window: float = 60.0
+    #: Seconds the old generation stays loaded and paused after a swap, to
+    #: take over again if the new one crashes; 0 retires it at once.
+    probation: float = 5.0
+    #: The serving generation is pinged every ping_interval seconds (0: never);
+    #: no answer within ping_timeout means its event loop is blocked: hung.
+    ping_interval: float = 2.0
+    ping_timeout: float = 10.0
+    #: The largest pickled snapshot a generation may hand over or checkpoint.
+    max_snapshot_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -240,6 +249,7 @@ def _bool(table: dict[str, Any], key: str, prefix: str, problems: _Problems) -> 
 _TIMING_KEYS = {
     "start_timeout", "quiesce_timeout", "drain_timeout",
     "checkpoint_interval", "max_restarts", "restart_window",
+    "probation", "ping_interval", "ping_timeout", "max_snapshot_bytes",
 }
 
 
@@ -256,6 +266,12 @@ def _timing(table: dict[str, Any], base: Timing, prefix: str, problems: _Problem
                              integer=True),
         restart_window=_number(table, "restart_window", base.restart_window, prefix, problems,
                                positive=True),
+        probation=_number(table, "probation", base.probation, prefix, problems),
+        ping_interval=_number(table, "ping_interval", base.ping_interval, prefix, problems),
+        ping_timeout=_number(table, "ping_timeout", base.ping_timeout, prefix, problems,
+                             positive=True),
+        max_snapshot_bytes=_number(table, "max_snapshot_bytes", base.max_snapshot_bytes,
+                                   prefix, problems, integer=True, positive=True),
     )
 
 

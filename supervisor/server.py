@@ -29,8 +29,10 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 from .channel import WorkerChannel
+from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, Config, misnamed
 from .control import MAX_WAIT, ControlError, ControlServer, Request
 from .logs import RING, LogSink, SinkHandler
@@ -136,6 +138,7 @@ class Supervisor:
             # is queued (and ignored) instead of killing us mid-drain.
             self._install_signals(stack)
             _prepare_run_dir(config.run_dir, stack)
+            checkpoints = _checkpoint_store(config.run_dir)
             life_r, life_w = lifeline()
             stack.callback(os.close, life_w)  # closed last but one: workers see EOF
             stack.callback(os.close, life_r)
@@ -160,7 +163,8 @@ class Supervisor:
             stack.push_async_callback(zygote.stop)
             spawn = functools.partial(WorkerProcess.start, zygote=zygote, channel=channel,
                                       sink=self.sink, log_level=config.log_level)
-            self._services = Services(config, sockets, spawn, lambda source: adigest(source.path))
+            self._services = Services(config, sockets, spawn, lambda source: adigest(source.path),
+                                      checkpoints)
             stack.push_async_callback(self._close_all)
             watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
                               self._files_changed)
@@ -421,6 +425,16 @@ def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
     _remove_sockets(run_dir)
     stack.callback(os.close, fd)  # the kernel drops the lock with the fd, even on SIGKILL
     stack.callback(_remove_sockets, run_dir)  # ours, after a clean exit
+
+
+def _checkpoint_store(run_dir: Path) -> CheckpointStore:
+    try:
+        store = CheckpointStore(run_dir, max_bytes=MAX_WORKER_MESSAGE)
+    except CheckpointError as exc:
+        raise StartupError(str(exc)) from None
+    for path in store.remove_temp_files():  # writes a killed supervisor left half done
+        log.info("removed an unfinished checkpoint: %s", path)
+    return store
 
 
 def _remove_sockets(run_dir: Path) -> None:

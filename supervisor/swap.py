@@ -19,6 +19,16 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
 
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
 the old generation keeps serving with its state, and the error is reported.
+
+After the swap N is not retired at once but held, paused and still loaded,
+for ``probation`` seconds: if N+1 dies in that time, N resumes (from a newer
+checkpoint of N+1's, if one was taken) and the swap counts as rolled back.
+
+Around the swaps: the serving generation is pinged (no answer within
+``ping_timeout``: its loop is blocked, it is killed and restarted); its state
+is checkpointed every ``checkpoint_interval``, at every swap and at shut-down
+(``checkpoint.CheckpointStore``); a crashed generation is restarted from the
+newest state, with backoff and OTP-style restart intensity.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Any, Protocol
 
 from hotsup.worker import protocol as P
 
+from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
 from .process import WorkerError
 from .sockets import SocketError, SocketRegistry
@@ -153,6 +164,7 @@ class Generation:
     state: GenState = GenState.SPAWNING
     hooks: dict[str, bool] = field(default_factory=dict)
     serving_since: float | None = None  # time.monotonic() when it became current
+    hung: str | None = None  # why it was killed for not answering a ping
 
     @property
     def tag(self) -> str:
@@ -170,6 +182,7 @@ class Services:
     sockets: SocketRegistry
     spawn: Spawner
     digest: Callable[[BundleSource], Awaitable[str | None]]
+    checkpoints: CheckpointStore | None = None
 
 
 class BundleRunner:
@@ -192,6 +205,14 @@ class BundleRunner:
         self._number = 0
         self._tried: str | None = None  # the content digest last tried
         self._last_state: bytes | None = None  # the newest snapshot we hold
+        self._state_of = 0  # the generation that snapshot was taken of
+        self._disk_read = False  # whether the checkpoint on disk was looked for
+        self._pending = False  # a request (file change, reload, ...) waits for a pass
+        self._checkpoint_due = False
+        self._timers: list[asyncio.Task[None]] = []
+        # The previous generation, paused and loaded, while the new one is on probation.
+        self._held: Generation | None = None
+        self._held_until: asyncio.TimerHandle | None = None
         self._crashes: list[float] = []
         # The sockets to hold even while no generation does (a crash backoff,
         # a spawn in progress): those of the spec last served and of the one
@@ -216,6 +237,8 @@ class BundleRunner:
         """Start the bundle's loop; its first pass starts generation 1."""
         self.request(force=True)
         self._task = asyncio.ensure_future(self.run())
+        self._timers = [asyncio.ensure_future(self._ping_loop()),
+                        asyncio.ensure_future(self._checkpoint_loop())]
 
     # -- triggers -------------------------------------------------------------
 
@@ -225,6 +248,7 @@ class BundleRunner:
         Requests made while a swap runs coalesce into one more pass after it.
         """
         self._force = self._force or force
+        self._pending = True
         self._wake.set()
 
     def reload(self) -> asyncio.Future[dict[str, Any]]:
@@ -266,18 +290,19 @@ class BundleRunner:
             if self._closed:
                 return
             force, self._force = self._force, False
+            pending, self._pending = self._pending, False
             waiters, self._waiters = self._waiters, []
             started = time.monotonic()
             outcome = Outcome(Result.FAILED, "the supervisor is shutting down")
             try:
-                outcome = await self._pass(force)
+                outcome = await self._pass(force, pending)
             except Exception:
                 self.log.exception("%s: internal error in the swap loop", self.name)
                 outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
             finally:  # also when close() cancels the pass: nobody waits for ever
                 self._answer(waiters, outcome, started)
 
-    async def _pass(self, force: bool) -> Outcome:
+    async def _pass(self, force: bool, pending: bool) -> Outcome:
         if self._down:
             if self.state is BundleState.STOPPED:
                 return Outcome(Result.STOPPED, "already stopped")
@@ -285,6 +310,11 @@ class BundleRunner:
         current = self.current
         if current is not None and current.process.exited.done():
             return await self._recover(current)
+        if self._checkpoint_due:
+            self._checkpoint_due = False
+            await self._checkpoint()
+        if not pending:
+            return Outcome(Result.UNCHANGED, "nothing asked")
         return await self._advance(force)
 
     def _answer(self, waiters: list[asyncio.Future[dict[str, Any]]], outcome: Outcome,
@@ -302,9 +332,18 @@ class BundleRunner:
         generation (drain, stop(), exit), kill the others, release the sockets."""
         self._closed = True
         self._cancel_retry()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in [self._task, *self._timers]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._release_held(retire=False)  # retired below with the others
+        gen = self.current
+        if gen is not None and gen.state is S.READY and gen.hooks.get("snapshot") \
+                and not gen.process.exited.done():
+            try:  # the shut-down checkpoint: what a restarted supervisor resumes from
+                await self._keep_state(await self._pause(gen), gen)
+            except SwapAborted as exc:
+                self.log.warning("%s: no checkpoint at shut-down: %s", gen.tag, exc)
         self.current = None
         self._serving = None
         for gen in list(self._gens.values()):
@@ -363,6 +402,9 @@ class BundleRunner:
                 return self._report(message, BundleState.RUNNING, Result.ROLLED_BACK)
             return self._report(message, BundleState.FAILED)
         if self.current is None:
+            if not self._disk_read:
+                self._disk_read = True
+                self._last_state = await self._read_checkpoint() or self._last_state
             return await self._start(spec, self._last_state)
         return await self._swap(spec, started)
 
@@ -386,6 +428,7 @@ class BundleRunner:
     async def _swap(self, spec: BundleSpec, started: float) -> Outcome:
         old = self.current
         assert old is not None
+        self._release_held()  # newer code serves: the one held before it is obsolete
         self.state = BundleState.SWAPPING
         try:
             new = await self._spawn(spec)
@@ -425,19 +468,22 @@ class BundleRunner:
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
         mode = "hand-over" if paused_at is not None else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
-                 self.last_swap_ms, mode, self.last_pause_ms)
-        self._retire_later(old)
+                      self.last_swap_ms, mode, self.last_pause_ms)
+        await self._hold(old, new.spec.timing.probation)
+        if snapshot is not None:
+            await self._keep_state(snapshot, old)
         return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
                                        f"{self.last_pause_ms:.1f} ms)")
 
     async def _take_down(self) -> Outcome:
         """``hotsup stop``: retire the serving generation and close the ports."""
+        self._release_held()
         gen, self.current = self.current, None
         self._serving = None
         if gen is not None:
             if gen.hooks.get("snapshot") and not gen.process.exited.done():
                 try:  # quiesce and keep its state: `hotsup run` starts from it
-                    self._last_state = await self._pause(gen)
+                    await self._keep_state(await self._pause(gen), gen)
                 except SwapAborted as exc:
                     self.log.warning("%s: stopping without a snapshot (%s); `hotsup run` will "
                                      "start from the last state handed over", gen.tag, exc)
@@ -450,11 +496,16 @@ class BundleRunner:
     async def _recover(self, crashed: Generation) -> Outcome:
         """The serving generation died: restart it with backoff, within the
         restart intensity (more than max_restarts in restart_window: give up)."""
-        how = await crashed.process.describe_exit()
+        how = crashed.hung or await crashed.process.describe_exit()
         self._move(crashed, S.FAILED)
         await self._forget(crashed)
         self.current = None
         error = f"{crashed.tag} {how} while serving"
+        held = self._release_held(retire=False)
+        if held is not None:
+            outcome = await self._fall_back(held, crashed, error)
+            if outcome is not None:
+                return outcome
         timing = crashed.spec.timing
         while self.current is None:
             now = time.monotonic()
@@ -526,7 +577,8 @@ class BundleRunner:
         try:
             _, snapshot = await gen.process.call(
                 P.OP_PAUSE, timing.quiesce_timeout + STOP_GRACE,
-                quiesce_timeout=timing.quiesce_timeout, snapshot=True)
+                quiesce_timeout=timing.quiesce_timeout, snapshot=True,
+                max_bytes=timing.max_snapshot_bytes)
         except WorkerError as exc:
             raise SwapAborted(f"{gen.tag} could not hand over its state: {exc}",
                               transient=exc.kind == "Busy") from None
@@ -534,15 +586,17 @@ class BundleRunner:
             raise SwapAborted(f"{gen.tag} sent no snapshot")
         return snapshot
 
-    async def _resume(self, gen: Generation, snapshot: bytes | None) -> bool:
-        """PAUSED -> READY; False if it could not, and is being restarted instead."""
+    async def _resume(self, gen: Generation, snapshot: bytes | None,
+                      state: bytes | None = None) -> bool:
+        """PAUSED -> READY (restoring ``state`` first, if given); False if it
+        could not, and is being restarted instead."""
         timing = gen.spec.timing
         # The worker answers in order: a resume waits behind a pause whose
         # snapshot() is still running (slower than quiesce_timeout), so it
         # gets that long again and start_timeout on top before we give up.
         deadline = timing.quiesce_timeout + STOP_GRACE + timing.start_timeout
         try:
-            await gen.process.call(P.OP_RESUME, deadline)
+            await gen.process.call(P.OP_RESUME, deadline, state)
         except WorkerError as exc:
             # Frozen, or still inside snapshot(). Kill it: its exit wakes the
             # loop, which restarts the bundle, from this snapshot if we have
@@ -554,6 +608,130 @@ class BundleRunner:
             return False
         self._move(gen, S.READY)
         return True
+
+    async def _hold(self, old: Generation, probation: float) -> None:
+        """Keep the replaced generation paused and loaded for ``probation`` seconds
+        (retire it at once if 0): the way back if its successor dies."""
+        if probation <= 0 or old.process.exited.done():
+            self._retire_later(old)
+            return
+        if old.state is S.READY:  # overlap mode: it still accepts; in-flight ones finish
+            self._move(old, S.PAUSED)
+            try:
+                await old.process.call(P.OP_PAUSE, STOP_GRACE, wait=False)
+            except WorkerError as exc:
+                self.log.warning("%s: could not be held for probation: %s", old.tag, exc)
+                self._retire_later(old)
+                return
+        self._held = old
+        self._held_until = asyncio.get_running_loop().call_later(probation, self._release_held)
+
+    def _release_held(self, retire: bool = True) -> Generation | None:
+        """End the probation: retire the held generation (or just hand it back)."""
+        held, self._held = self._held, None
+        if self._held_until is not None:
+            self._held_until.cancel()
+            self._held_until = None
+        if held is not None and retire and held.state is S.PAUSED:
+            self._retire_later(held)
+        return held
+
+    async def _fall_back(self, held: Generation, crashed: Generation,
+                         error: str) -> Outcome | None:
+        """The new generation died on probation: the held one serves again, with
+        the newest checkpoint if one was taken of its successor. None if it
+        cannot (the caller restarts the bundle instead)."""
+        if held.state is not S.PAUSED:
+            return None
+        if held.process.exited.done():
+            self._retire_later(held)  # reaps it
+            return None
+        newer = self._last_state if self._state_of > held.number else None
+        if not await self._resume(held, None, newer):
+            return None
+        self._make_current(held, held.spec)
+        self._release_sockets()  # addresses only the dead one had
+        return self._report(f"{error}, on probation: swap rolled back, {held.tag} serves again"
+                            f"{' from the newest checkpoint' if newer else ''} (the same files "
+                            f"are not tried again until they change)", BundleState.RUNNING,
+                            Result.ROLLED_BACK)
+
+    async def _ping_loop(self) -> None:
+        """Ping the serving generation: a loop blocked past ping_timeout is hung."""
+        while True:
+            timing = self._serving.timing if self._serving is not None else None
+            interval = timing.ping_interval if timing is not None else 0.0
+            await asyncio.sleep(interval or 1.0)
+            gen = self.current
+            if not interval or gen is None or gen.state is not S.READY:
+                continue
+            timeout = gen.spec.timing.ping_timeout
+            try:
+                await gen.process.call(P.OP_PING, timeout)
+            except WorkerError:
+                if gen is self.current and gen.state is S.READY \
+                        and not gen.process.exited.done():
+                    gen.hung = (f"did not answer a ping within {timeout:g}s (its event loop "
+                                f"is blocked) and was killed")
+                    self.log.error("%s: %s", gen.tag, gen.hung)
+                    gen.process.kill()  # its exit wakes the loop, which restarts it
+
+    async def _checkpoint_loop(self) -> None:
+        """Ask the loop for a checkpoint every checkpoint_interval."""
+        while True:
+            timing = self._serving.timing if self._serving is not None else None
+            interval = timing.checkpoint_interval if timing is not None else 0.0
+            await asyncio.sleep(interval or 1.0)
+            if interval and self.current is not None and self.current.hooks.get("snapshot"):
+                self._checkpoint_due = True
+                self._wake.set()
+
+    async def _checkpoint(self) -> None:
+        """Snapshot the serving generation without pausing it, and keep that."""
+        gen = self.current
+        if gen is None or gen.state is not S.READY:
+            return
+        timing = gen.spec.timing
+        try:
+            _, data = await gen.process.call(P.OP_SNAPSHOT, timing.quiesce_timeout + STOP_GRACE,
+                                             max_bytes=timing.max_snapshot_bytes)
+        except WorkerError as exc:
+            self.log.error("%s: checkpoint failed: %s", gen.tag, exc)
+            return
+        if data is not None:
+            await self._keep_state(data, gen)
+
+    async def _keep_state(self, data: bytes, gen: Generation) -> None:
+        """The newest state, in memory and (atomically) on disk."""
+        self._last_state = data
+        self._state_of = gen.number
+        store = self.svc.checkpoints
+        if store is None:
+            return
+        try:
+            saved = await asyncio.to_thread(store.save, self.name, gen.number, data)
+        except CheckpointError as exc:  # kept in memory: a crash restart still has it
+            self.log.error("%s: checkpoint not written: %s", gen.tag, exc)
+            return
+        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", gen.tag, saved.size,
+                       saved.duration * 1000)
+
+    async def _read_checkpoint(self) -> bytes | None:
+        """The state a previous supervisor left on disk, if it is sound."""
+        store = self.svc.checkpoints
+        if store is None:
+            return None
+        try:
+            found = await asyncio.to_thread(store.load, self.name)
+        except CheckpointError as exc:
+            self.log.error("%s: %s; starting without it", self.name, exc)
+            return None
+        if found is not None:
+            self.log.info("%s: resuming from the checkpoint of generation %d (%d bytes, %s)",
+                          self.name, found.generation, found.size,
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created)))
+            return found.payload
+        return None
 
     def _retire_later(self, gen: Generation) -> None:
         task = asyncio.ensure_future(self._retire(gen))

@@ -129,7 +129,9 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
     stale = sup.cli("status", timeout=20)
     assert stale.returncode == 3 and "left by a supervisor that died" in stale.stderr
 
-    # and the next start comes up cleanly on the same run_dir and port
+    # and the next start comes up cleanly on the same run_dir and port (with
+    # a bundle that does not block its loop this time)
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
     again = Hotsup(sup.root)
     again.start()
     try:

@@ -103,6 +103,9 @@ class World:
         (bundle / "app.py").write_text("class App: pass\n")
         if "start_timeout" not in defaults:
             defaults += "start_timeout = 0.2\n"
+        for key in ("probation", "ping_interval"):  # off unless a test is about them
+            if key not in defaults:
+                defaults += f"{key} = 0\n"
         (tmp_path / "config.toml").write_text(f"[defaults]\n{defaults}")
         self.config = load_config(tmp_path / "config.toml")
         self.content = "v1"

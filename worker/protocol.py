@@ -24,9 +24,12 @@ and ``detail`` (the traceback)).
 
 Supervisor -> worker requests (each has an ``id``; the worker replies once):
 ``start`` (payload: a snapshot to ``restore()`` first, if any), ``pause``
-(stop accepting, wait for in-flight connections, optionally ``snapshot``; the
-reply's payload is the snapshot), ``resume``, ``snapshot`` (without pausing),
-``retire`` (stop accepting, drain, ``stop()``, then exit), ``ping``.
+(stop accepting, wait for in-flight connections unless ``wait`` is false,
+optionally ``snapshot``; the reply's payload is the snapshot), ``resume``
+(payload: a newer state to ``restore()`` first, if any), ``snapshot`` (without
+pausing), ``retire`` (stop accepting, drain, ``stop()``, then exit), ``ping``.
+A snapshot is refused (``error_type`` ``SnapshotError``) when it cannot be
+pickled or is larger than the request's ``max_bytes``.
 """
 
 from __future__ import annotations

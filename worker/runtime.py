@@ -284,21 +284,25 @@ class Worker:
         self.ctx.accepting = False
         for listener in self.ctx.listeners:
             listener.pause()
+        if not header.get("wait", True):  # probation: in-flight connections just finish
+            return {"quiesce_ms": 0.0}
         timeout = float(header.get("quiesce_timeout", 5.0))
         if not await self._wait_idle(timeout):
             busy = sum(listener.inflight for listener in self.ctx.listeners)
             raise Busy(f"{busy} connection(s) still in flight after {timeout:g}s")
         if header.get("snapshot"):
-            return self._take_snapshot()
+            return self._take_snapshot(header)
         return {"quiesce_ms": (time.monotonic() - started) * 1000}
 
     async def _resume(self, header: dict[str, Any], payload: bytes | None) -> None:
+        if payload is not None:  # a newer state than its own (a checkpoint of a successor)
+            await _maybe_await(self.bundle.restore(pickle.loads(payload)))
         self.ctx.accepting = True
         for listener in self.ctx.listeners:
             listener.resume()
 
     async def _snapshot(self, header: dict[str, Any], payload: bytes | None) -> bytes:
-        return self._take_snapshot()
+        return self._take_snapshot(header)
 
     async def _retire(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
         self.ctx.accepting = False
@@ -322,11 +326,21 @@ class Worker:
 
     # -- helpers --------------------------------------------------------------
 
-    def _take_snapshot(self) -> bytes:
+    def _take_snapshot(self, header: dict[str, Any]) -> bytes:
         snapshot = getattr(self.bundle, "snapshot", None)
         if not callable(snapshot):
             raise RuntimeError("this bundle has no snapshot() hook")
-        return pickle.dumps(snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
+        state = snapshot()
+        try:
+            data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
+            raise SnapshotError(f"snapshot() returned a {type(state).__name__} that cannot be "
+                                f"pickled: {type(exc).__name__}: {exc}") from None
+        limit = int(header.get("max_bytes", 0))
+        if limit and len(data) > limit:
+            raise SnapshotError(f"snapshot() is {len(data)} bytes pickled, more than "
+                                f"max_snapshot_bytes ({limit})")
+        return data
 
     async def _wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -350,6 +364,10 @@ _HOOKS = ("snapshot", "restore", "stop")
 
 class Busy(TimeoutError):
     """Connections still in flight when a pause's quiesce_timeout passed."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be handed over: not picklable, or too large."""
 
 
 async def _maybe_await(value: Any) -> Any:
