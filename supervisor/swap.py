@@ -646,7 +646,8 @@ class BundleRunner:
         if held.process.exited.done():
             self._retire_later(held)  # reaps it
             return None
-        newer = self._last_state if self._state_of > held.number else None
+        newer = self._last_state if self._state_of > held.number \
+            and held.hooks.get("restore") else None
         if not await self._resume(held, None, newer):
             return None
         self._make_current(held, held.spec)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from hotsup.supervisor import swap
+from hotsup.supervisor.checkpoint import CheckpointStore
 from hotsup.supervisor.config import BundleSource, BundleSpec, load_config
 from hotsup.supervisor.process import WorkerError
 from hotsup.supervisor.sockets import SocketRegistry
@@ -69,7 +70,9 @@ class FakeWorker:
             self.restored = payload
         if op == "retire" or op in self.script.exit_after:
             self.crash()
-        data = f"state of {self.number}".encode() if op == "pause" else None
+        if op == "resume":
+            self.restored = payload or self.restored
+        data = f"state of {self.number}".encode() if op in ("pause", "snapshot") else None
         return {"ok": True}, data
 
     def crash(self) -> None:
@@ -95,7 +98,8 @@ class FakeWorker:
 class World:
     """A runner over a real (tiny) config, with fake workers and a fake digest."""
 
-    def __init__(self, tmp_path: Path, defaults: str = "") -> None:
+    def __init__(self, tmp_path: Path, defaults: str = "",
+                 store: CheckpointStore | None = None) -> None:
         bundle = tmp_path / "bundles" / "b"
         bundle.mkdir(parents=True)
         (bundle / "bundle.toml").write_text(
@@ -114,7 +118,7 @@ class World:
         self.workers: dict[int, FakeWorker] = {}
         self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
         self.sockets = SocketRegistry()
-        services = Services(self.config, self.sockets, self._spawn, self._digest)
+        services = Services(self.config, self.sockets, self._spawn, self._digest, store)
         self.runner = BundleRunner(BundleSource("b", bundle), services)
 
     async def _spawn(self, spec: BundleSpec, number: int,
@@ -147,9 +151,9 @@ async def until(condition: Callable[[], object], what: str = "") -> None:
 
 
 def run(test: Callable[[World], Coroutine[Any, Any, None]], tmp_path: Path,
-        defaults: str = "") -> None:
+        defaults: str = "", store: CheckpointStore | None = None) -> None:
     async def main() -> None:
-        world = World(tmp_path, defaults)
+        world = World(tmp_path, defaults, store)
         world.runner.start()
         try:
             await test(world)
@@ -460,3 +464,90 @@ def test_every_state_can_reach_an_end() -> None:
     assert all(not swap.MOVES[end] for end in ends)
 
 
+
+
+# -- probation, pings, checkpoints --------------------------------------------------
+
+def test_probation_holds_the_old_generation_then_retires_it(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        first = world.workers[1]
+        assert not first.exited.done(), "held, paused and loaded, during probation"
+        assert first.calls == ["start", "pause"]
+        await until(lambda: first.exited.done(), "retired once probation ended")
+        assert first.calls == ["start", "pause", "retire"]
+    run(test, tmp_path, "probation = 0.2\n")
+
+
+def test_probation_pauses_an_overlap_generation_without_waiting(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(hooks=False)
+        await until(serving(world, 1))
+        world.change("v2", Script(hooks=False))
+        await until(serving(world, 2))
+        await until(lambda: world.workers[1].calls == ["start", "pause"], "paused, held")
+        await until(lambda: world.workers[1].exited.done())
+    run(test, tmp_path, "probation = 0.2\n")
+
+
+def test_a_crash_on_probation_brings_the_held_generation_back(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        world.workers[2].crash()
+        await until(serving(world, 1), "generation 1 serves again")
+        first = world.workers[1]
+        assert first.calls == ["start", "pause", "resume"] and not first.exited.done()
+        assert "on probation: swap rolled back, b@1 serves again" in str(world.runner.last_error)
+        # the same content is not tried again, however often it is looked at
+        looked = world.digests
+        world.runner.request()
+        await until(lambda: world.digests > looked, "another pass over the same content")
+        assert sorted(world.workers) == [1, 2]
+        world.change("v3")
+        await until(serving(world, 3), "new content is tried")
+    run(test, tmp_path, "probation = 30\n")
+
+
+def test_the_held_generation_resumes_from_a_newer_checkpoint(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        await until(lambda: "snapshot" in world.workers[2].calls, "a checkpoint of b@2")
+        await until(lambda: world.runner._state_of == 2, "the checkpoint kept")
+        world.workers[2].crash()
+        await until(serving(world, 1))
+        assert world.workers[1].restored == b"state of 2", "resumed with the newer state"
+    run(test, tmp_path, "probation = 30\ncheckpoint_interval = 0.05\n")
+
+
+def test_a_generation_that_does_not_answer_pings_is_killed_and_restarted(
+        tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(hang={"ping"})
+        await until(serving(world, 1))
+        await until(serving(world, 2), "restarted")
+        assert world.workers[1].killed
+        assert "b@1 did not answer a ping within 0.1s" in str(world.runner.last_error)
+    run(test, tmp_path, "ping_interval = 0.05\nping_timeout = 0.1\n")
+
+
+def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = CheckpointStore(tmp_path / "run")
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        await until(lambda: store.load("b") is not None, "a checkpoint on disk")
+    run(test, tmp_path, "checkpoint_interval = 0.05\n", store)
+    saved = store.load("b")
+    assert saved is not None and saved.payload == b"state of 1"
+
+    async def again(world: World) -> None:
+        await until(serving(world, 1))
+        assert world.workers[1].restored == b"state of 1"
+    run(again, tmp_path / "second", "", store)
