@@ -245,7 +245,7 @@ def test_an_idle_keep_alive_connection_carries_one_more_request(hotsup: MakeHots
     assert first.read().startswith(b"count=1 generation=1")
     assert not first.will_close
     edit(sup, asgi_source("v1"))
-    sup.wait_log(r"web@1: ready -> paused")
+    sup.wait_log(r"web@1: paused: ending 1 connection\(s\) between requests")
     conn.request("POST", "/incr")
     last = conn.getresponse()
     assert last.read().decode().startswith("count=2 generation=1 tag=v0")

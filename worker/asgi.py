@@ -143,6 +143,9 @@ class HttpListener(Listener):
     def pause(self) -> None:
         super().pause()
         self._closing = True
+        if self._connections:
+            self._log.debug("paused: ending %d connection(s) between requests",
+                            len(self._connections))
         for connection in list(self._connections):
             connection.close_gracefully(self._grace)
 
