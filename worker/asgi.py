@@ -64,7 +64,7 @@ def socket_name(sockets: dict[str, Any]) -> str:
     if len(sockets) == 1:
         return next(iter(sockets))
     known = ", ".join(sorted(sockets)) or "none"
-    raise KeyError(f"an asgi bundle serves its socket named http, or its only socket "
+    raise ValueError(f"an asgi bundle serves its socket named http, or its only socket "
                    f"(declared: {known})")
 
 
