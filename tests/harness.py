@@ -297,7 +297,7 @@ class Load:
         pattern = re.compile(r"count=(\d+) generation=(\d+) tag=(\S+)")
         while not self._stop.is_set() and time.monotonic() < ends:
             try:
-                text = request(self.port, "incr", self.timeout)
+                text = self.ask(index)
                 match = pattern.fullmatch(text)
                 if match is None:
                     raise ValueError(f"bad reply {text!r}")
@@ -311,6 +311,10 @@ class Load:
                 self.replies.append(reply)
                 self._lock.notify_all()
             time.sleep(0.002)  # pacing, so the clients leave the swap some CPU
+
+    def ask(self, index: int) -> str:
+        """One request of client ``index``: its reply, ``count=N generation=G tag=T``."""
+        return request(self.port, "incr", self.timeout)
 
     def wait_reply(self, predicate: Callable[[Reply], bool], timeout: float = DEADLINE,
                    after: float = 0.0) -> Reply:
