@@ -98,6 +98,11 @@ class WorkerProcess:
             return
         asyncio.get_running_loop().add_reader(self._pidfd, self._set_exited)
 
+    @property
+    def log_dropped(self) -> int:
+        """Log lines of this worker dropped by the rate limit (``hotsup.supervisor.logs``)."""
+        return self._log.dropped if self._log is not None else 0
+
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]:
         """Send a request and wait for its reply; WorkerError on error, exit or timeout."""
