@@ -20,11 +20,12 @@ A reply is one frame, echoing the request's id (null if it had none)::
 
 Commands (``args`` -> ``result``); unknown args are errors:
 
-* ``status`` {} -> ``{"supervisor": {"pid", "config", "uptime"}, "bundles": [...]}``,
-  one object per bundle with the fields of DESIGN.md (name, state, generation,
-  pid, restarts, version, last_swap_ms, last_pause_ms, last_error) and
-  uptime (seconds the serving generation has served), last_swap_at (unix
-  time), swaps, sockets.
+* ``status`` {} -> ``{"supervisor": {"pid", "config", "uptime", "log_dropped"},
+  "bundles": [...]}``, one object per bundle with the fields of DESIGN.md
+  (name, state, generation, pid, restarts, version, last_swap_ms,
+  last_pause_ms, last_error) and uptime (seconds the serving generation has
+  served), last_swap_at (unix time), log_dropped (its log lines dropped for
+  flooding), swaps, sockets.
 * ``reload`` {"name": str or null (all)} -> ``{"bundles": [report, ...]}``, sent
   when every swap asked for has finished.
 * ``stop`` {"name"} / ``run`` {"name"} -> a report, once the bundle is down / up.

@@ -233,7 +233,8 @@ class Supervisor:
     async def _on_status(self, command: Status) -> None:
         command.reply.set_result({
             "supervisor": {"pid": os.getpid(), "config": str(self.config.path),
-                           "uptime": round(time.monotonic() - self._started, 1)},
+                           "uptime": round(time.monotonic() - self._started, 1),
+                           "log_dropped": self.sink.dropped_output},
             "bundles": [runner.status() for _, runner in sorted(self.runners.items())],
         })
 

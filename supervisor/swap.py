@@ -143,6 +143,9 @@ class Worker(Protocol):
     pid: int | None
     exited: asyncio.Future[None]
 
+    @property
+    def log_dropped(self) -> int: ...  # log lines dropped for flooding
+
     async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]: ...
@@ -375,6 +378,7 @@ class BundleRunner:
             "uptime": _round(time.monotonic() - gen.serving_since)
             if gen and gen.serving_since is not None else None,
             "last_swap_at": self.last_swap_at,
+            "log_dropped": gen.process.log_dropped if gen else 0,
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
         }

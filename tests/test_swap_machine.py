@@ -42,6 +42,7 @@ class FakeWorker:
         self.number = number
         self.script = script
         self.pid: int | None = 10_000 + number
+        self.log_dropped = 0
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.calls: list[str] = []
         self.restored: bytes | None = None
