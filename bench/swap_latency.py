@@ -25,16 +25,13 @@ A client that fails waits 10 ms before its next request (no busy spinning), so
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import math
 import os
 import platform
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from processes import free_port, notable_log_lines, stop_session
+from stats import percentile, ratio
 
 HOST = "127.0.0.1"
 CLIENT_TIMEOUT = 10.0
@@ -147,12 +147,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def write_text(path: Path, text: str) -> None:
@@ -274,14 +268,6 @@ def wait_serving(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 # -- results ------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def state_kept(load: Load, tags: list[str]) -> bool:
     """No count twice, each client's counts strictly increase, generations in order."""
     counts = [r.count for r in load.replies]
@@ -339,27 +325,6 @@ def swap_loop(load: Load, swaps: int, write: Callable[[str], None],
 # -- the two contenders -------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, group: bool) -> None:
-    """SIGTERM, wait; then SIGKILL (the whole process group, for the supervisor)."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_WAIT if group else 5.0)
-    if group:
-        # start_new_session=True: its pgid is its pid. The zygote shares it;
-        # workers have their own groups and leave when the supervisor is gone.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    elif proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5.0)
-
-
 def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     port = free_port()
     bundle = work / "bundles" / "counter"
@@ -385,7 +350,7 @@ def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
         finally:
             if load is not None:
                 load.stop()
-            stop_process(proc, group=True)
+            stop_session(proc, STOP_WAIT)
     result = summarize(load, latencies, [f"v{i}" for i in range(swaps + 1)])
     result["exit_status"] = proc.returncode
     return result
@@ -404,10 +369,10 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     def launch() -> None:
         current[0] = subprocess.Popen([sys.executable, str(script), str(port)], cwd=peer_dir,
                                       stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT)
+                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def restart() -> None:
-        stop_process(current[0], group=False)
+        stop_session(current[0], 5.0)
         launch()
 
     try:
@@ -423,21 +388,12 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     finally:
         if load is not None:
             load.stop()
-        stop_process(current[0], group=False)
+        stop_session(current[0], 5.0)
         log.close()
     return summarize(load, latencies, [f"v{i}" for i in range(swaps + 1)])
 
 
 # -- main ---------------------------------------------------------------------------
-
-
-def notable_log_lines(path: Path, limit: int = 30) -> list[str]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    keys = (" ERROR ", " WARNING ", " CRITICAL ", "Traceback", " OUTPUT ")
-    return [line for line in lines if any(k in line for k in keys)][:limit]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -454,10 +410,6 @@ def table(result: dict[str, Any]) -> str:
                 f"(targets: p50 <= {TARGETS['p50_ms']} ms, p99 <= {TARGETS['p99_ms']} ms; "
                 f"latencies in ms)")
     return "\n".join(rows)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def main(argv: list[str] | None = None) -> int:
