@@ -446,9 +446,10 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     kind = _string(data, "kind", "service", "", problems)
     if kind not in _KINDS:
         problems.add("kind", f"expected one of {', '.join(_KINDS)}, got {_describe(kind)}")
-    elif kind == "asgi":
-        problems.add("kind", '"asgi" bundles are not supported yet; use kind = "service"')
     factory = _bool(data, "factory", "", problems)
+    if factory and kind == "service":
+        problems.add("factory", 'only for kind = "asgi" (a service entry is always called as '
+                     "Entry(ctx)); remove the key")
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
     if mp_logging:
@@ -456,6 +457,8 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
                      "log through the worker's pipe already; remove the key")
     settings = _table(data, "settings", problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
+    if kind == "asgi":
+        _asgi_sockets(sockets, problems)
     timing = _timing(data, config.defaults, "", problems)
     problems.lines.extend(preload_conflicts(config, [source]))
 
@@ -495,6 +498,22 @@ def _sockets(
         seen[spec.key] = name
         specs.append(spec)
     return tuple(specs)
+
+
+def _asgi_sockets(sockets: tuple[SocketSpec, ...], problems: _Problems) -> None:
+    """An asgi bundle serves one socket: the one named ``http``, or its only one."""
+    names = [sock.name for sock in sockets]
+    if not names:
+        problems.add("sockets", 'an asgi bundle needs a socket to serve (as in [sockets.http] '
+                     'bind = "127.0.0.1:8103")')
+    elif len(names) > 1:
+        others = ", ".join(name for name in names if name != "http")
+        if "http" in names:
+            problems.add("sockets", f"an asgi bundle serves only its socket named http; "
+                         f"remove the others ({others})")
+        else:
+            problems.add("sockets", f"an asgi bundle serves one socket: name it http, or "
+                         f"declare only one (declared: {others})")
 
 
 def _zygote_modules(preload: tuple[str, ...]) -> tuple[dict[str, str | None], dict[str, str]]:

@@ -12,6 +12,7 @@ from textwrap import dedent
 import pytest
 from hotsup.supervisor.config import (
     BundleSource,
+    BundleSpec,
     ConfigError,
     Timing,
     check,
@@ -132,7 +133,7 @@ def valid_setup(tmp_path: Path) -> Path:
     """)
     make_bundle(tmp_path / "bundles" / "beta", """
         entry = "pkg.mod:make"
-        factory = true
+        factory = false
         multiprocessing_logging = false
         [sockets.main]
         bind = "localhost:8102"
@@ -214,7 +215,7 @@ def test_drop_in_and_declared_bundle_specs(valid_setup: Path) -> None:
     sources = config.sources()
     beta = load_bundle(sources["beta"], config)
     assert beta.entry == "pkg.mod:make"
-    assert beta.factory is True
+    assert beta.factory is False
     assert beta.multiprocessing_logging is False
     assert beta.timing == config.defaults
     by_name = {s.name: s for s in beta.sockets}
@@ -522,10 +523,72 @@ def test_unknown_kind(tmp_path: Path) -> None:
     assert 'expected one of service, asgi, got "wsgi"' in line
 
 
-def test_asgi_kind_is_refused_for_now(tmp_path: Path) -> None:
-    # DESIGN.md describes asgi bundles; config.py refuses them with a clear message.
-    problems = bundle_problems(tmp_path, 'entry = "app:App"\nkind = "asgi"\n')
-    assert "not supported yet" in line_for(problems, manifest_prefix(tmp_path, "kind"))
+def asgi_spec(tmp_path: Path, manifest: str, config_text: str = "") -> BundleSpec:
+    make_bundle(tmp_path / "bundles" / "b", manifest)
+    config = load_config(make_config(tmp_path, config_text))
+    return load_bundle(config.sources()["b"], config)
+
+
+def test_asgi_bundle_on_its_http_socket(tmp_path: Path) -> None:
+    spec = asgi_spec(tmp_path, """
+        entry = "app:app"
+        kind = "asgi"
+        [sockets.http]
+        bind = "127.0.0.1:8103"
+    """)
+    assert (spec.kind, spec.factory) == ("asgi", False)
+    assert [s.name for s in spec.sockets] == ["http"]
+
+
+def test_asgi_bundle_on_its_only_socket_with_a_factory(tmp_path: Path) -> None:
+    spec = asgi_spec(tmp_path, """
+        entry = "app:make_app"
+        kind = "asgi"
+        factory = true
+        [sockets.web]
+        bind = "127.0.0.1:8103"
+    """)
+    assert (spec.kind, spec.factory) == ("asgi", True)
+
+
+def test_asgi_factory_and_kind_from_config_toml(tmp_path: Path) -> None:
+    spec = asgi_spec(tmp_path, """
+        entry = "app:make_app"
+        [sockets.http]
+        bind = "127.0.0.1:8103"
+    """, '[bundles.b]\nkind = "asgi"\nfactory = true\n')
+    assert (spec.kind, spec.factory) == ("asgi", True)
+
+
+def test_factory_on_a_service_bundle_is_refused(tmp_path: Path) -> None:
+    problems = bundle_problems(tmp_path, 'entry = "app:App"\nfactory = true\n')
+    assert line_for(problems, manifest_prefix(tmp_path, "factory")) == (
+        'only for kind = "asgi" (a service entry is always called as Entry(ctx)); '
+        "remove the key")
+
+
+def test_factory_override_on_a_service_bundle_names_config_toml(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "[bundles.b]\nfactory = true\n")
+    make_bundle(tmp_path / "bundles" / "b", 'entry = "app:App"\n')
+    line = line_for(check(cfg), cfg_prefix(tmp_path, "bundles.b.factory"))
+    assert line.startswith('only for kind = "asgi"')
+
+
+@pytest.mark.parametrize(
+    ("sockets", "expected"),
+    [
+        ("", 'an asgi bundle needs a socket to serve (as in [sockets.http] '
+             'bind = "127.0.0.1:8103")'),
+        ('[sockets.a]\nbind = "127.0.0.1:1"\n[sockets.b]\nbind = "127.0.0.1:2"\n',
+         "an asgi bundle serves one socket: name it http, or declare only one "
+         "(declared: a, b)"),
+        ('[sockets.http]\nbind = "127.0.0.1:1"\n[sockets.admin]\nbind = "127.0.0.1:2"\n',
+         "an asgi bundle serves only its socket named http; remove the others (admin)"),
+    ],
+)
+def test_asgi_bundle_sockets(tmp_path: Path, sockets: str, expected: str) -> None:
+    problems = bundle_problems(tmp_path, f'entry = "app:app"\nkind = "asgi"\n{sockets}')
+    assert line_for(problems, manifest_prefix(tmp_path, "sockets")) == expected
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .listener import ClientCallback, Listener
+from .listener import ClientCallback, Listener, StreamsListener
 
 
 class BundleContext:
@@ -58,7 +58,7 @@ class BundleContext:
             raise KeyError(
                 f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
             ) from None
-        listener = Listener(socket_name, sock, client_connected_cb, self.log,
-                            accepting=self.accepting)
+        listener = StreamsListener(socket_name, sock, client_connected_cb, self.log,
+                                   accepting=self.accepting)
         self.listeners.append(listener)
         return listener

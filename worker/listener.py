@@ -28,23 +28,25 @@ _ACCEPT_BATCH = 64
 
 
 class Listener:
-    """Serves ``callback(reader, writer)`` for every connection on ``sock``.
+    """Accepts connections on ``sock``; each is served by ``_serve_connection``.
 
     Contract: accepting starts at construction if ``accepting``, else at the
     first ``resume()``; ``pause()`` stops accepting at
     once (no connection is accepted after it returns); ``resume()`` starts
-    again; ``inflight`` counts connections accepted and not yet finished (the
-    callback returned and the transport closed); ``wait_idle()`` waits until it
-    is zero. Every connection task is strongly referenced until it ends.
+    again; ``inflight`` counts connections accepted and not yet finished
+    (``_serve_connection`` returned); ``wait_idle()`` waits until it is zero.
+    Every connection task is strongly referenced until it ends.
+
+    This class owns accepting; how a connection is served is a subclass's
+    ``_serve_connection``: ``StreamsListener`` here (``ctx.serve``), the ASGI
+    server in ``asgi``.
     """
 
     def __init__(
-        self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger,
-        accepting: bool = True,
+        self, name: str, sock: socket.socket, log: logging.Logger, accepting: bool = True,
     ) -> None:
         self.name = name
         self._sock = sock
-        self._callback = callback
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -135,7 +137,7 @@ class Listener:
                     self._retry = self._loop.call_later(0.1, self._retry_accept)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._serve(conn))
+            task = self._loop.create_task(self._serve_connection(conn))
             self._tasks.add(task)
             self._idle.clear()
             task.add_done_callback(self._forget)
@@ -145,7 +147,28 @@ class Listener:
         if not self._tasks:
             self._idle.set()
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        """Own one accepted (non-blocking) connection until it is closed.
+
+        Cancelled by ``cancel_inflight()``: it must then close the connection.
+        """
+        raise NotImplementedError
+
+
+class StreamsListener(Listener):
+    """Serves ``callback(reader, writer)`` for every connection (``ctx.serve``).
+
+    A connection is in flight until the callback returned and the transport closed.
+    """
+
+    def __init__(
+        self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger,
+        accepting: bool = True,
+    ) -> None:
+        self._callback = callback
+        super().__init__(name, sock, log, accepting)
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
         reader = asyncio.StreamReader(loop=self._loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
         try:

@@ -31,7 +31,8 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from . import importer
+# asgi imports uvicorn: here, so the zygote has it loaded for every worker.
+from . import asgi, importer
 from . import protocol as P
 from .context import BundleContext
 
@@ -172,7 +173,7 @@ class Worker:
 
     async def _serve(self) -> int:
         try:
-            self.bundle = self._load()
+            self.bundle = await self._load()
         except BaseException as exc:
             text = _bundle_traceback(exc)
             self.log.error("cannot load %s: %s", self.spec["entry"], text)
@@ -187,14 +188,22 @@ class Worker:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
 
-    def _load(self) -> Any:
-        if self.spec["kind"] != "service":
-            raise RuntimeError(f"bundle kind {self.spec['kind']!r} is not supported by this worker")
+    async def _load(self) -> Any:
+        """Import the entry and make the bundle: step 1 of a swap, before ``loaded``.
+
+        A service bundle is ``Entry(ctx)``; an asgi bundle is the app wrapped in
+        ``asgi.AsgiBundle``, its lifespan startup done.
+        """
+        kind = self.spec["kind"]
+        if kind not in ("service", "asgi"):
+            raise RuntimeError(f"bundle kind {kind!r} is not supported by this worker")
         shadowed = importer.shadowed(Path(self.spec["path"]), importer.loaded_modules())
         if shadowed:
             raise ImportError(
                 "; ".join(shadowed) + ": rename the bundle's module (the worker already "
                 "imported a module of that name, so the bundle's would never be loaded)")
+        if kind == "asgi":
+            return await asgi.AsgiBundle.load(self.ctx, self.spec["entry"], self.spec["factory"])
         entry = importer.resolve(self.spec["entry"])
         bundle = entry(self.ctx)
         if not callable(getattr(bundle, "start", None)):
