@@ -483,7 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # the same clean-up as Ctrl-C
+    # SIGTERM becomes Ctrl-C: asyncio.Runner turns SIGINT into a cancellation
+    # of the suite, whose clean-up then runs as for Ctrl-C.
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:

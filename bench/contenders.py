@@ -130,7 +130,9 @@ def _hotsup_files(work: Path, app_dir: Path, variant: Variant, port: int,
         'run_dir = ".hotsup"\n'
         f"preload = [{preload}]\n"
         f"watch_quiet_ms = {watch_quiet_ms}\n"
-        'log_level = "info"\n')
+        # warning: no access log, as the peers run with --no-access-log (the
+        # worker's uvicorn logs each request at info, relayed by the supervisor).
+        'log_level = "warning"\n')
     (app_dir / "bundle.toml").write_text(
         f'entry = "{ENTRY}"\n'
         'kind = "asgi"\n'
