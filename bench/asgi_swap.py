@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -48,15 +49,15 @@ from typing import Any
 import uvloop
 from asgi_apps import VARIANTS, Variant
 from contenders import CONTENDERS, SWAP_PEERS, THROUGHPUT_PEERS, Contender, Server
-from httpload import FAILURES, Load, Mode, Recorder, probe
-from processes import Processes, notable_log_lines
+from httpload import FAILURES, Load, Mode, Outcome, Recorder, probe
+from processes import notable_log_lines
+from sessions import Sessions
 from stats import machine, percentile, ratio
 
 START_DEADLINE = 30.0  # seconds for a server to answer its first request
 SWAP_DEADLINE = 15.0  # seconds for a write to reach clients before the swap counts as lost
 GIVE_UP_AFTER = 3  # consecutive lost swaps: the contender is stuck, stop its phase
 SETTLE = (0.05, 0.15)  # seconds between a swap's first new response and the next write
-STEADY_ROUNDS = 3  # the steady phase alternates between the servers this many times
 
 #: Swap-latency ceiling as a fraction of uvicorn --reload's p50, per variant.
 RELOAD_FRACTION = {"trivial": 0.5, "slow_import": 0.25}
@@ -73,6 +74,7 @@ class Options:
     swaps: int
     peer_swaps: int
     steady_seconds: float
+    steady_rounds: int
     short_clients: int
     keepalive_clients: int
     request_timeout: float
@@ -112,18 +114,29 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 
 
 async def steady(servers: dict[str, Server], opts: Options) -> dict[str, dict[str, Any]]:
-    """The load without any change, side by side: ``STEADY_ROUNDS`` rounds, each
+    """The load without any change, side by side: ``steady_rounds`` rounds, each
     giving every server an equal slice of ``steady_seconds``, in a rotating order,
-    so a machine that gets busier or quieter meanwhile touches them all alike."""
+    so a machine that gets busier or quieter meanwhile touches them all alike.
+    ``throughput_rps`` is the median of the rounds' (``rounds_rps``): one round
+    disturbed by another process on the machine does not move it."""
     recorders = {name: Recorder() for name in servers}
     seconds = dict.fromkeys(servers, 0.0)
+    rounds: dict[str, list[float]] = {name: [] for name in servers}
+    slice_ = opts.steady_seconds / opts.steady_rounds
     order = list(servers)
-    for round_ in range(STEADY_ROUNDS):
+    for round_ in range(opts.steady_rounds):
         for name in order[round_ % len(order):] + order[:round_ % len(order)]:
-            slice_ = opts.steady_seconds / STEADY_ROUNDS
-            seconds[name] += await run_load(servers[name], recorders[name], opts,
-                                            asyncio.sleep(slice_), slice_)
-    return {name: _phase_figures(recorders[name], seconds[name]) for name in servers}
+            before = recorders[name].ok_total()
+            took = await run_load(servers[name], recorders[name], opts, asyncio.sleep(slice_),
+                                  slice_)
+            seconds[name] += took
+            rounds[name].append(round((recorders[name].ok_total() - before) / took, 1))
+    figures = {}
+    for name in servers:
+        figures[name] = _phase_figures(recorders[name], seconds[name])
+        figures[name]["throughput_rps"] = statistics.median(rounds[name])
+        figures[name]["rounds_rps"] = rounds[name]
+    return figures
 
 
 async def swapping(server: Server, variant: Variant, opts: Options,
@@ -193,6 +206,7 @@ def _phase_figures(recorder: Recorder, seconds: float) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 2),
         "ok": ok,
+        "ok_by_mode": {mode.value: recorder.outcomes[mode][Outcome.OK] for mode in Mode},
         "throughput_rps": round(ok / seconds, 1) if seconds > 0 else None,
         "failed": {**failed, "total": sum(failed.values())},
         "outcomes": {mode.value: {o.value: recorder.outcomes[mode][o] for o in FAILURES}
@@ -235,7 +249,7 @@ def _swap_figures(recorder: Recorder, latencies: list[float | None]) -> dict[str
 
 
 async def measure(variant: Variant, contenders: list[Contender], opts: Options, work: Path,
-                  processes: Processes) -> dict[str, dict[str, Any]]:
+                  sessions: Sessions) -> dict[str, dict[str, Any]]:
     """Every contender with ``variant``: started one after the other, steady
     phase side by side, then each one's swap phase; all stopped at the end."""
     results: dict[str, dict[str, Any]] = {}
@@ -247,13 +261,13 @@ async def measure(variant: Variant, contenders: list[Contender], opts: Options, 
                 results[contender.name] = {"skipped": missing}
                 continue
             print(f"{variant.name}: starting {contender.label}", file=sys.stderr, flush=True)
-            server = contender.launch(work / contender.name, variant, processes,
+            server = contender.launch(work / contender.name, variant, sessions,
                                       opts.watch_quiet_ms)
             try:
                 results[contender.name] = {"start_s": round(await wait_serving(server), 3)}
                 servers[contender.name] = server
             except ContenderError as exc:
-                results[contender.name] = _stopped(server, processes, error=str(exc))
+                results[contender.name] = _stopped(server, sessions, error=str(exc))
         if servers:
             print(f"{variant.name}: steady load, side by side", file=sys.stderr, flush=True)
             for name, figures in (await steady(servers, opts)).items():
@@ -269,13 +283,13 @@ async def measure(variant: Variant, contenders: list[Contender], opts: Options, 
                     results[name]["error"] = str(exc)
     finally:
         for name, server in servers.items():
-            results[name].update(_stopped(server, processes))
+            results[name].update(_stopped(server, sessions))
     return results
 
 
-def _stopped(server: Server, processes: Processes, **extra: Any) -> dict[str, Any]:
+def _stopped(server: Server, sessions: Sessions, **extra: Any) -> dict[str, Any]:
     """Stop ``server``: its exit status, and hotsup's notable log lines."""
-    processes.stop(server.proc)
+    sessions.stop(server.proc)
     result = {**extra, "exit_status": server.proc.returncode}
     if server.contender.name == "hotsup":
         result["log_notable"] = notable_log_lines(server.log)
@@ -427,10 +441,10 @@ def _ratio_lines(compared: dict[str, Any]) -> list[str]:
 
 
 async def suite(variants: list[Variant], contenders: list[Contender], opts: Options,
-                work: Path, processes: Processes) -> dict[str, Any]:
+                work: Path, sessions: Sessions) -> dict[str, Any]:
     apps: dict[str, Any] = {}
     for variant in variants:
-        results = await measure(variant, contenders, opts, work / variant.name, processes)
+        results = await measure(variant, contenders, opts, work / variant.name, sessions)
         compared = compare(results)
         apps[variant.name] = {"contenders": results, "compare": compared,
                               "targets": targets(variant.name, results, compared)}
@@ -458,8 +472,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--swaps", type=int, default=50, help="hotsup swaps per app (50)")
     parser.add_argument("--peer-swaps", type=int, default=10,
                         help="reloads per app for each peer (10)")
-    parser.add_argument("--steady-seconds", type=float, default=3.0,
-                        help="steady phase per contender and app (3)")
+    parser.add_argument("--steady-seconds", type=float, default=5.0,
+                        help="steady phase per contender and app, in seconds (5)")
+    parser.add_argument("--steady-rounds", type=int, default=5,
+                        help="rounds the steady phase alternates between contenders (5)")
     parser.add_argument("--short-clients", type=int, default=4,
                         help="short-lived clients, one request per connection (4)")
     parser.add_argument("--keepalive-clients", type=int, default=4,
@@ -477,8 +493,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 0")
     if args.short_clients + args.keepalive_clients == 0:
         parser.error("--short-clients and --keepalive-clients are both 0: no load")
-    if args.steady_seconds <= 0 or args.request_timeout <= 0 or args.watch_quiet_ms <= 0:
-        parser.error("--steady-seconds, --request-timeout and --watch-quiet-ms must be > 0")
+    if min(args.steady_seconds, args.steady_rounds, args.request_timeout,
+           args.watch_quiet_ms) <= 0:
+        parser.error("--steady-seconds, --steady-rounds, --request-timeout and "
+                     "--watch-quiet-ms must be > 0")
     return args
 
 
@@ -490,16 +508,17 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    opts = Options(args.swaps, args.peer_swaps, args.steady_seconds, args.short_clients,
-                   args.keepalive_clients, args.request_timeout, args.watch_quiet_ms)
+    opts = Options(args.swaps, args.peer_swaps, args.steady_seconds, args.steady_rounds,
+                   args.short_clients, args.keepalive_clients, args.request_timeout,
+                   args.watch_quiet_ms)
     variants = [VARIANTS[name] for name in args.apps]
     contenders = [CONTENDERS[name] for name in args.contenders]
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="hotsup-asgi-bench-"))
     started = time.monotonic()
     try:
-        with Processes() as processes, asyncio.Runner(loop_factory=uvloop.new_event_loop) as run:
-            apps = run.run(suite(variants, contenders, opts, work, processes))
+        with Sessions() as sessions, asyncio.Runner(loop_factory=uvloop.new_event_loop) as run:
+            apps = run.run(suite(variants, contenders, opts, work, sessions))
     except KeyboardInterrupt:
         print("interrupted: every server the bench started is stopped", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@
   new workers, which import the app afresh, and stops the old ones).
 - ``uvicorn``: plain ``uvicorn``, no reload: the throughput reference.
 
-Each runs in its own temporary directory, in its own session (``Processes``),
+Each runs in its own temporary directory, in its own session (``Sessions``),
 on a port from ``free_port()``, with its output in ``server.log``. Every
 contender gets ``PRELOAD_DIR`` on ``PYTHONPATH``: hotsup's zygote needs it to
 preload ``slow_framework``; the peers' app needs it to import the module.
@@ -29,7 +29,8 @@ from subprocess import Popen
 
 import asgi_apps
 from asgi_apps import ENTRY, MODULE, PRELOAD_DIR, Variant
-from processes import HOST, Processes, free_port
+from clients import HOST, free_port
+from sessions import Sessions
 
 LOG = "server.log"
 
@@ -69,7 +70,7 @@ class Contender:
             return f"{self.requires} is not installed (pip install -e '.[bench]')"
         return None
 
-    def launch(self, work: Path, variant: Variant, processes: Processes,
+    def launch(self, work: Path, variant: Variant, sessions: Sessions,
                watch_quiet_ms: int) -> Server:
         """Write the app (version ``v0``) under ``work`` and start serving it."""
         work.mkdir(parents=True)
@@ -87,7 +88,7 @@ class Contender:
             cwd = app_dir
         app_file = app_dir / f"{MODULE}.py"
         asgi_apps.save(app_file, asgi_apps.source(variant, "v0"))
-        proc = processes.start(argv, cwd, work / LOG, self._env())
+        proc = sessions.start(argv, cwd, work / LOG, self._env())
         after_write = (lambda: os.kill(proc.pid, signal.SIGHUP)) if self.name == "gunicorn_hup" \
             else (lambda: None)
         return Server(self, port, proc, app_file, work / LOG, after_write)

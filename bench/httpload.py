@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from asgi_apps import BODY
+from clients import HOST
 
-HOST = "127.0.0.1"
 FAIL_PAUSE = 0.010  # after a failed request: no busy spinning against a server that is down
 
 

@@ -1,12 +1,9 @@
-"""The processes a benchmark starts: each in its own session, all ended at the end.
+"""The processes a benchmark starts: stopping them, and what /proc says about them.
 
-Every server under test is started with ``start_new_session=True``, so its
-session id is its pid and every process it spawns (a zygote, workers, a
-reloader's children, gunicorn's workers) carries that id. Stopping is: ask
-(SIGTERM to the leader), wait until a deadline, then SIGKILL every process
-still in the session, by pid, and reap the leader. Nothing is ever found by
-name. ``Processes`` is a context manager that does this for whatever is still
-running when the benchmark ends, also on Ctrl-C or an exception.
+``hotsup start`` runs with ``start_new_session=True``, so its pid is also its
+session id: the zygote and every worker stay in that session (each in a
+process group of its own), which is how the leftovers of a run are found and
+killed, by pid, never by name.
 """
 
 from __future__ import annotations
@@ -14,94 +11,106 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-HOST = "127.0.0.1"
+STOP_WAIT = 30.0
 
 
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (bind to 0, read it, let go)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str  # "R", "S", "Z", ...
+    ppid: int
+    session: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """``/proc/PID/stat``'s state, parent and session; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    # The command name, in parentheses, may itself contain spaces and ")".
+    fields = text[text.rindex(")") + 2:].split()
+    return ProcStat(pid, fields[0], int(fields[1]), int(fields[3]))
+
+
+def all_processes() -> list[ProcStat]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (info := proc_stat(int(entry))) is not None:
+            found.append(info)
+    return found
 
 
 def session_pids(sid: int) -> list[int]:
-    """Every live (non-zombie) process whose session id is ``sid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+    """Every live (non-zombie) process of session ``sid``."""
+    return [p.pid for p in all_processes() if p.session == sid and p.state != "Z"]
 
 
-def stop_session(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """SIGTERM the session leader, wait ``grace`` seconds, SIGKILL what is left, reap.
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
-    ``proc`` must have been started with ``start_new_session=True``; None does nothing.
-    """
+
+def open_fds(pid: int) -> int | None:
+    """How many fds ``pid`` has open; None if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def rss_kib(pid: int) -> int | None:
+    """``VmRSS`` of ``pid`` in KiB; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, group: bool) -> None:
+    """SIGTERM, wait; then SIGKILL (the whole process group, for the supervisor)."""
     if proc is None:
         return
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    # The leader may be gone while its children are not (a worker whose
-    # supervisor was killed, a reloader's child): the session still names them.
-    for pid in session_pids(proc.pid):
+            proc.wait(STOP_WAIT if group else 5.0)
+    if group:
+        # start_new_session=True: its pgid is its pid. The zygote and workers
+        # have groups of their own and leave when the supervisor is gone.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    elif proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            proc.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5.0)
 
 
-class Processes:
-    """Owns every process started through ``start()``; ``__exit__`` stops them all."""
-
-    def __init__(self, grace: float = 10.0) -> None:
-        self.grace = grace
-        self._running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], cwd: Path, log: Path,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in its own session, stdout and stderr appended to ``log``."""
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self._running.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        stop_session(proc, self.grace)
-        if proc in self._running:
-            self._running.remove(proc)
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        # After an error or Ctrl-C nobody waits for a graceful drain.
-        grace = self.grace if kind is None else 2.0
-        while self._running:
-            stop_session(self._running.pop(), grace)
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL, by pid, whatever of session ``sid`` is still alive: what was there."""
+    left = session_pids(sid)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def notable_log_lines(path: Path, limit: int = 30) -> list[str]:
-    """Errors, warnings and tracebacks of a log file, for the report."""
+    """The first ERROR/WARNING/CRITICAL/traceback lines of a supervisor log."""
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:

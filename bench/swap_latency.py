@@ -27,35 +27,27 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from processes import free_port, notable_log_lines, stop_session
-from stats import percentile, ratio
+from clients import HOST, Load, free_port, wait_serving
+from processes import notable_log_lines, stop_process
 
-HOST = "127.0.0.1"
-CLIENT_TIMEOUT = 10.0
 SWAP_DEADLINE = 10.0
-START_DEADLINE = 30.0
-STOP_WAIT = 30.0
-FAIL_PAUSE = 0.010
 TARGETS = {"p50_ms": 60, "p99_ms": 150}
-REPLY = re.compile(rb"count=(\d+) tag=(\S+)")
+REPLY = re.compile(rb"count=(?P<count>\d+) tag=(?P<mark>\S+)")
 
 CONFIG = """\
 [supervisor]
@@ -154,118 +146,15 @@ def write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
-# -- load ---------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    t: float
-    count: int
-    tag: str
-    client: int
-
-
-@dataclass
-class Load:
-    """K client threads: connect, ``incr``, read one line, close, until stopped."""
-
-    port: int
-    clients: int
-    replies: list[Reply] = field(default_factory=list)
-    failures: Counter[str] = field(default_factory=Counter)
-    first_seen: dict[str, float] = field(default_factory=dict)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for i in range(self.clients):
-            thread = threading.Thread(target=self._client, args=(i,), name=f"client-{i}",
-                                      daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(CLIENT_TIMEOUT + 5)
-
-    @property
-    def requests(self) -> int:
-        with self.cond:
-            return len(self.replies) + sum(self.failures.values())
-
-    def wait_tag(self, tag: str, deadline: float) -> float | None:
-        """The monotonic time of the first reply carrying ``tag``; None past the deadline."""
-        with self.cond:
-            while tag not in self.first_seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-            return self.first_seen[tag]
-
-    def _client(self, index: int) -> None:
-        while not self.stop_event.is_set():
-            kind, reply = self._one(index)
-            with self.cond:
-                if reply is not None:
-                    self.replies.append(reply)
-                    if reply.tag not in self.first_seen:
-                        self.first_seen[reply.tag] = reply.t
-                        self.cond.notify_all()
-                else:
-                    self.failures[kind] += 1
-            if reply is None:
-                self.stop_event.wait(FAIL_PAUSE)
-
-    def _one(self, index: int) -> tuple[str, Reply | None]:
-        try:
-            with socket.create_connection((HOST, self.port), timeout=CLIENT_TIMEOUT) as sock:
-                sock.sendall(b"incr\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            now = time.monotonic()
-        except ConnectionRefusedError:
-            return "refused", None
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-            return "reset", None
-        except TimeoutError:
-            return "timeout", None
-        except OSError as exc:
-            return f"oserror:{exc.errno}", None
-        match = REPLY.search(data)
-        if not data.endswith(b"\n") or match is None:
-            return "bad_reply", None
-        return "", Reply(now, int(match.group(1)), match.group(2).decode(), index)
-
-
-def probe(port: int) -> bool:
-    """True once the port answers a ``get`` with a well-formed reply."""
-    try:
-        with socket.create_connection((HOST, port), timeout=1.0) as sock:
-            sock.sendall(b"get\n")
-            return REPLY.search(sock.recv(4096)) is not None
-    except OSError:
-        return False
-
-
-def wait_serving(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + START_DEADLINE
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before serving")
-        if probe(port):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} did not answer on port {port} within {START_DEADLINE:g}s")
-
-
 # -- results ------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
 
 
 def state_kept(load: Load, tags: list[str]) -> bool:
@@ -341,8 +230,8 @@ def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
                 cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            wait_serving(port, proc, "hotsup")
-            load = Load(port, clients)
+            wait_serving(port, proc, "hotsup", REPLY)
+            load = Load(port, clients, REPLY)
             load.start()
             load.wait_tag("v0", time.monotonic() + SWAP_DEADLINE)
             latencies = swap_loop(load, swaps,
@@ -350,7 +239,7 @@ def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
         finally:
             if load is not None:
                 load.stop()
-            stop_session(proc, STOP_WAIT)
+            stop_process(proc, group=True)
     result = summarize(load, latencies, [f"v{i}" for i in range(swaps + 1)])
     result["exit_status"] = proc.returncode
     return result
@@ -369,17 +258,17 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     def launch() -> None:
         current[0] = subprocess.Popen([sys.executable, str(script), str(port)], cwd=peer_dir,
                                       stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT)
 
     def restart() -> None:
-        stop_session(current[0], 5.0)
+        stop_process(current[0], group=False)
         launch()
 
     try:
         launch()
         assert current[0] is not None
-        wait_serving(port, current[0], "restart peer")
-        load = Load(port, clients)
+        wait_serving(port, current[0], "restart peer", REPLY)
+        load = Load(port, clients, REPLY)
         load.start()
         load.wait_tag("v0", time.monotonic() + SWAP_DEADLINE)
         latencies = swap_loop(
@@ -388,7 +277,7 @@ def run_peer(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     finally:
         if load is not None:
             load.stop()
-        stop_session(current[0], 5.0)
+        stop_process(current[0], group=False)
         log.close()
     return summarize(load, latencies, [f"v{i}" for i in range(swaps + 1)])
 
@@ -410,6 +299,10 @@ def table(result: dict[str, Any]) -> str:
                 f"(targets: p50 <= {TARGETS['p50_ms']} ms, p99 <= {TARGETS['p99_ms']} ms; "
                 f"latencies in ms)")
     return "\n".join(rows)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
 
 
 def main(argv: list[str] | None = None) -> int:

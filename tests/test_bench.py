@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 SUITE = Path(__file__).resolve().parents[1] / "bench" / "asgi_swap.py"
-PHASE_KEYS = {"seconds", "ok", "throughput_rps", "failed", "outcomes", "keepalive_retries",
-              "keepalive_server_closes"}
+PHASE_KEYS = {"seconds", "ok", "ok_by_mode", "throughput_rps", "failed", "outcomes",
+              "keepalive_retries", "keepalive_server_closes"}
 SWAP_KEYS = PHASE_KEYS | {"swaps", "swaps_timed_out", "latency_ms", "state", "per_swap"}
 OUTCOMES = {"refused", "reset", "timeout", "non_200", "wrong_body", "other"}
 
@@ -28,9 +28,9 @@ OUTCOMES = {"refused", "reset", "timeout", "non_200", "wrong_body", "other"}
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(SUITE), "--apps", "slow_import", "--swaps", "2", "--peer-swaps",
-         "1", "--steady-seconds", "0.6", "--short-clients", "2", "--keepalive-clients", "2",
-         "--json-only"],
+        [sys.executable, str(SUITE), "--apps", "slow_import", "--swaps", "2", "--peer-swaps", "1",
+         "--steady-seconds", "0.6", "--steady-rounds", "2", "--short-clients", "2",
+         "--keepalive-clients", "2", "--json-only"],
         capture_output=True, text=True, timeout=90,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr}\n{proc.stdout}"
@@ -58,7 +58,8 @@ def test_the_suite_reports_every_contender_and_target(report: dict[str, Any]) ->
     for name, result in results.items():
         assert "error" not in result, (name, result["error"])
         assert result["start_s"] > 0
-        _phase(result["steady"], PHASE_KEYS)
+        _phase(result["steady"], PHASE_KEYS | {"rounds_rps"})
+        assert len(result["steady"]["rounds_rps"]) == 2
         if name != "uvicorn":
             _phase(result["swapping"], SWAP_KEYS)
             assert result["swapping"]["swaps_timed_out"] == 0, (name, result["swapping"])
