@@ -1,12 +1,10 @@
 # The two commands: `make run` (the demo) and `make test`. Each sets itself up
 # on a fresh machine: a virtualenv in .venv with hotsup installed from here.
-# `make bench` runs both benchmarks (bench/README.md); BENCH_ARGS go to the
-# ASGI suite, as in `make bench-asgi BENCH_ARGS="--swaps 100"`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tcp bench-asgi clean
+.PHONY: run test lint bench clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/hotsup start config.toml
@@ -18,20 +16,23 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	PYTHON=$(PY) .ci/typecheck
 
-bench: bench-tcp bench-asgi
-
-bench-tcp: $(VENV)/.installed
+bench: $(VENV)/.installed
 	$(PY) bench/swap_latency.py
-
-bench-asgi: $(VENV)/.bench-installed
-	$(PY) bench/asgi_swap.py $(BENCH_ARGS)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The peers of the ASGI suite (gunicorn), on top of the test install.
+# The ASGI suite (bench/README.md) against its peers, which the bench extra
+# installs (gunicorn). `make bench` runs it too, before the swap-latency bench;
+# BENCH_ARGS go to it, as in `make bench-asgi BENCH_ARGS="--swaps 100"`.
+.PHONY: bench-asgi
+bench: bench-asgi
+
+bench-asgi: $(VENV)/.bench-installed
+	$(PY) bench/asgi_swap.py $(BENCH_ARGS)
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
