@@ -401,8 +401,9 @@ def table(report: dict[str, Any]) -> str:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[row["pass"]]
             out.append(f"  {verdict}  {row['target']:40} {_cell(row['value'], 14)}  "
                        f"{row['bound']}")
-    out.append("failed = failed requests over both phases (short-lived/keep-alive); retry = "
-               "keep-alive retries after the server closed an idle connection (RFC 9112 "
+    out.append("steady = median req/s of the side-by-side rounds; swapng = req/s over the swap "
+               "phase; failed = failed requests over both phases (short-lived/keep-alive); "
+               "retry = keep-alive retries after the server closed an idle connection (RFC 9112 "
                "9.3.1), not failures; state kept = swaps whose counter carried over.")
     return "\n".join(out)
 
