@@ -79,6 +79,7 @@ def test_the_suite_reports_every_contender_and_target(report: dict[str, Any]) ->
     compared = section["compare"]
     assert compared["steady_rps"]["hotsup"] == results["hotsup"]["steady"]["throughput_rps"]
     assert compared["steady_rps"]["uvicorn"]["ratio"] > 0
+    assert compared["steady_rps"]["uvicorn"]["paired_ratio"] > 0
     assert compared["swap_p50_ms"]["uvicorn_reload"]["ratio"] > 0
     targets = {row["target"]: row for row in section["targets"]}
     assert len(targets) == 7
