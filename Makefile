@@ -27,5 +27,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# The ASGI suite (bench/README.md) against its peers, which the bench extra
+# installs (gunicorn). `make bench` runs it too, before the swap-latency bench;
+# BENCH_ARGS go to it, as in `make bench-asgi BENCH_ARGS="--swaps 100"`.
+.PHONY: bench-asgi
+bench: bench-asgi
+
+bench-asgi: $(VENV)/.bench-installed
+	$(PY) bench/asgi_swap.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
 clean:
 	rm -rf $(VENV) build .hotsup
