@@ -38,8 +38,8 @@ from .control import MAX_WAIT, ControlError, ControlServer, Request
 from .logs import RING, LogSink, SinkHandler
 from .process import WorkerProcess
 from .sockets import SocketRegistry
-from .swap import BundleRunner, BundleState, Services
-from .watcher import Watcher, adigest
+from .swap import BundleRunner, BundleState, Services, Spawner
+from .watcher import Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
@@ -120,6 +120,12 @@ class Supervisor:
         self._removing: set[asyncio.Task[None]] = set()  # bundles draining away
         self._told: set[str] = set()  # warnings already given
         self._started = time.monotonic()
+        self._zygote: Zygote | None = None
+        self._channel: WorkerChannel | None = None
+        self._old_zygotes: set[Zygote] = set()  # replaced, waiting for their workers to go
+        self._lifeline = -1
+        self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
+        self._preload_digest = ""
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
@@ -145,6 +151,7 @@ class Supervisor:
             zctx = zmq.asyncio.Context()
             stack.callback(zctx.term)
             channel = WorkerChannel(zctx, f"ipc://{config.run_dir / 'workers'}")
+            self._channel = channel
             channel.start()
             stack.push_async_callback(channel.close)
             # Closed after every bundle (below), so a reload waiting for its
@@ -155,16 +162,18 @@ class Supervisor:
             stack.push_async_callback(self._cancel_background)
             sockets = SocketRegistry()
             stack.callback(sockets.close_all)
+            self._lifeline = life_r
             zygote = Zygote(config.preload, life_r)
             try:
                 await zygote.start()
             except ZygoteError as exc:
                 raise StartupError(f"{config.path}: supervisor.preload: {exc}") from None
-            stack.push_async_callback(zygote.stop)
-            spawn = functools.partial(WorkerProcess.start, zygote=zygote, channel=channel,
-                                      sink=self.sink, log_level=config.log_level)
-            self._services = Services(config, sockets, spawn, lambda source: adigest(source.path),
-                                      checkpoints)
+            self._zygote = zygote
+            stack.push_async_callback(self._stop_zygotes)
+            self._preloaded = sorted({Path(p) for p in zygote.preloaded.values()})
+            self._preload_digest = await asyncio.to_thread(digest_paths, self._preloaded)
+            self._services = Services(config, sockets, self._spawner(zygote),
+                                      lambda source: adigest(source.path), checkpoints)
             stack.push_async_callback(self._close_all)
             watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
                               self._files_changed)
@@ -259,6 +268,8 @@ class Supervisor:
         self._background(answer())
 
     async def _on_files_changed(self, command: FilesChanged) -> None:
+        if any(p == t or t in p.parents for p in command.paths for t in self._preloaded):
+            await self._preload_changed()
         bundles_dir = self.config.bundles_dir
         for runner in self.runners.values():
             root = runner.source.path
@@ -295,6 +306,42 @@ class Supervisor:
             if name not in self.runners:
                 log.info("%s: new bundle in %s", name, source.path)
                 self._add(source)
+
+    async def _preload_changed(self) -> None:
+        """A preloaded package's files changed (a pip upgrade): start a zygote
+        that imports the new code and swap every bundle onto it. The old
+        zygote stays, spawning nothing, until the workers it forked are gone."""
+        digest = await asyncio.to_thread(digest_paths, self._preloaded)
+        if digest == self._preload_digest or self._services is None or self._zygote is None:
+            return  # bytecode written, a file touched: nothing that runs changed
+        self._preload_digest = digest
+        log.info("a preloaded package changed: starting a new zygote")
+        fresh = Zygote(self.config.preload, self._lifeline)
+        try:
+            await fresh.start()
+        except ZygoteError as exc:
+            log.error("the new zygote failed: %s; every bundle keeps running on the code "
+                      "it has, and the next change to the package tries again", exc)
+            return
+        old, self._zygote = self._zygote, fresh
+        self._services.spawn = self._spawner(fresh)
+        self._old_zygotes.add(old)
+        old.retire().add_done_callback(lambda _: self._old_zygotes.discard(old))
+        log.info("zygote %s replaces zygote %s; swapping every bundle onto it", fresh.pid,
+                 old.pid)
+        for runner in self.runners.values():
+            if not runner.stopped:
+                runner.request(force=True)
+
+    def _spawner(self, zygote: Zygote) -> Spawner:
+        assert self._channel is not None
+        return functools.partial(WorkerProcess.start, zygote=zygote, channel=self._channel,
+                                 sink=self.sink, log_level=self.config.log_level)
+
+    async def _stop_zygotes(self) -> None:
+        for zygote in [self._zygote, *self._old_zygotes]:
+            if zygote is not None:
+                await zygote.stop()
 
     def _removed(self, task: asyncio.Task[None]) -> None:
         self._removing.discard(task)
@@ -343,10 +390,14 @@ class Supervisor:
                 log.error("while closing a bundle: %r", result, exc_info=result)
 
     def _watch_roots(self) -> list[Path]:
+        """bundles_dir, declared bundles outside it, and the preloaded packages
+        (a preloaded single-file module: its directory)."""
         roots = [self.config.bundles_dir] if self.config.bundles_dir is not None else []
-        for source in self.config.declared.values():
-            if not any(source.path == r or r in source.path.parents for r in roots):
-                roots.append(source.path)
+        wanted = [source.path for source in self.config.declared.values()]
+        wanted += [p if p.is_dir() else p.parent for p in self._preloaded]
+        for path in wanted:
+            if not any(path == r or r in path.parents for r in roots):
+                roots.append(path)
         return [r for r in roots if r is not None]
 
     def _watcher_ended(self, task: asyncio.Task[None]) -> None:

@@ -80,6 +80,22 @@ def digest(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def digest_paths(paths: list[Path]) -> str:
+    """One hash over several directories (as ``digest``) and files: what the
+    preloaded packages and modules hold."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        h.update(str(path).encode() + b"\0")
+        if path.is_dir():
+            h.update((digest(path) or "").encode())
+            continue
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()
+
+
 async def adigest(path: Path) -> str | None:
     return await asyncio.to_thread(digest, path)
 

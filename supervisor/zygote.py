@@ -42,6 +42,10 @@ class Zygote:
         self._restarting = asyncio.Lock()
         self._stopped = False
         self._abandoned: set[int] = set()  # spawn requests nobody waits for any more
+        #: Where each preloaded module lives (a package's directory, a module's file).
+        self.preloaded: dict[str, str] = {}
+        self._retiring = False
+        self._retired: asyncio.Future[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -132,11 +136,33 @@ class Zygote:
     def forget(self, pid: int) -> None:
         """The supervisor is done with ``pid``: drop its exit code."""
         self._codes.pop(pid, None)
+        self._maybe_retired()
+
+    def retire(self) -> asyncio.Future[None]:
+        """Spawn no more; stop once every worker spawned from here is forgotten
+        (a replaced zygote stays the parent that reaps its workers until then).
+        The future resolves when it has stopped."""
+        self._retiring = True
+        self._retired = asyncio.get_running_loop().create_future()
+        self._maybe_retired()
+        return self._retired
+
+    def _maybe_retired(self) -> None:
+        if self._retiring and not self._codes and not self._pending and not self._stopped:
+            self._stopped = True
+            task = asyncio.ensure_future(self._close(5.0))
+            task.add_done_callback(self._on_retired)
+
+    def _on_retired(self, task: asyncio.Task[None]) -> None:
+        if self._retired is not None and not self._retired.done():
+            self._retired.set_result(None)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Close the channel (the zygote exits on EOF), wait, kill if it will not go."""
         self._stopped = True
         await self._close(timeout)
+        if self._retired is not None and not self._retired.done():
+            self._retired.set_result(None)
 
     async def _close(self, timeout: float) -> None:
         if self._sock is not None:
@@ -173,6 +199,9 @@ class Zygote:
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == "ready" and self._ready is not None and not self._ready.done():
+            preloaded = message.get("preloaded")
+            if isinstance(preloaded, dict):
+                self.preloaded = {str(k): str(v) for k, v in preloaded.items()}
             self._ready.set_result(None)
         elif op == P.ZY_SPAWNED:
             request_id, pid = message.get("id", -1), int(message["pid"])

@@ -287,3 +287,47 @@ def test_a_drop_in_holding_a_preloaded_module_is_refused(hotsup: MakeHotsup,
     assert request(good).endswith("tag=g")
     assert sup.stop() == 0
 
+
+
+def test_a_changed_preloaded_package_replaces_the_zygote_without_a_failed_request(
+        hotsup: MakeHotsup, tmp_path: Path) -> None:
+    lib = tmp_path / "lib" / "heavy"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text('VERSION = "v0"\n')
+    sup = hotsup('preload = ["heavy"]\n[defaults]\nprobation = 0.5\n')
+    port = free_port()
+    source = counter_source("unused").replace("TAG = 'unused'", "from heavy import VERSION as TAG")
+    write_bundle(sup.bundles / "counter", source, port)
+    sup.start(env=dict(os.environ, PYTHONPATH=str(lib.parent)))
+    first = int(sup.wait_log(r"zygote (\d+) ready"))
+    sup.wait_log(r"counter@1: serving")
+    with Load(port, clients=4) as load:
+        load.wait_reply(lambda r: r.tag == "v0")
+        save(lib / "__init__.py", 'VERSION = "v1"\n')  # what a pip upgrade does to it
+        line = sup.wait_log(r"zygote \d+ replaces zygote \d+")
+        load.wait_reply(lambda r: r.tag == "v1")
+    load.assert_consistent()
+    assert line == f"zygote {line.split()[1]} replaces zygote {first}"
+    wait_for(lambda: first not in sup.leftovers(), what="the old zygote, once its workers went")
+    assert sup.stop() == 0
+
+
+def test_a_broken_preloaded_package_keeps_the_running_code(hotsup: MakeHotsup,
+                                                           tmp_path: Path) -> None:
+    lib = tmp_path / "lib" / "heavy"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text('VERSION = "v0"\n')
+    sup = hotsup('preload = ["heavy"]\n')
+    port = free_port()
+    source = counter_source("unused").replace("TAG = 'unused'", "from heavy import VERSION as TAG")
+    write_bundle(sup.bundles / "counter", source, port)
+    sup.start(env=dict(os.environ, PYTHONPATH=str(lib.parent)))
+    sup.wait_log(r"counter@1: serving")
+    save(lib / "__init__.py", 'VERSION = "v1"\nraise ImportError("half installed")\n')
+    line = sup.wait_log(r"the new zygote failed: .*")
+    assert "cannot preload 'heavy': ImportError: half installed" in line, line
+    assert request(port).endswith("generation=1 tag=v0"), "the old code serves on"
+    save(lib / "__init__.py", 'VERSION = "v2"\n')  # the upgrade finished
+    sup.wait_log(r"counter@2: swapped from counter@1")
+    assert request(port).endswith("generation=2 tag=v2")
+    assert sup.stop() == 0

@@ -170,8 +170,24 @@ def main(argv: list[str] | None = None) -> int:
             error = f"cannot preload {name!r}: {type(exc).__name__}: {exc}"
             channel.send(P.pack_zygote({"op": P.ZY_ERROR, "id": None, "error": error}))
             return 3
-    channel.send(P.pack_zygote({"op": "ready", "pid": os.getpid()}))
+    channel.send(P.pack_zygote({"op": "ready", "pid": os.getpid(),
+                                "preloaded": _locations(args.preload)}))
     return Zygote(channel, args.lifeline).serve()
+
+
+def _locations(names: list[str]) -> dict[str, str]:
+    """Where each preloaded top-level package (its directory) or module (its
+    file) lives, so the supervisor can watch it and replace us when it changes."""
+    found: dict[str, str] = {}
+    for name in names:
+        top = sys.modules.get(name.partition(".")[0])
+        paths = list(getattr(top, "__path__", None) or [])  # a package's directories
+        file = getattr(top, "__file__", None)
+        if paths:
+            found[name] = os.path.abspath(paths[0])
+        elif file:
+            found[name] = os.path.abspath(file)
+    return found
 
 
 if __name__ == "__main__":
