@@ -419,12 +419,17 @@ class BundleRunner:
             new = await self._spawn(spec)
         except SwapAborted as exc:
             return self._report(str(exc), BundleState.FAILED)
+        given = state if new.hooks.get("restore") else None
         try:
             await self._load(new)
-            await self._begin(new, state if new.hooks.get("restore") else None)
+            await self._begin(new, given)
         except SwapAborted as exc:
             await self._discard(new, str(exc))
-            return self._report(f"{new.tag} did not start: {exc}", BundleState.FAILED)
+            hint = ""
+            if given is not None and self.svc.checkpoints is not None:
+                hint = (f" (if the saved state does not suit this code, fix restore() or "
+                        f"delete {self.svc.checkpoints.path(self.name)} to start without it)")
+            return self._report(f"{new.tag} did not start: {exc}{hint}", BundleState.FAILED)
         self._make_current(new, spec)
         self.log.info("%s: serving (pid %s)", new.tag, new.process.pid)
         return Outcome(Result.STARTED, f"{new.tag} serving")

@@ -173,10 +173,6 @@ def test_a_crash_restarts_from_the_last_checkpoint(hotsup: MakeHotsup, crash: st
     finish(sup)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a SystemExit escaping the worker is reported as 'exited with code 70' (with a "
-    "traceback): worker/zygote.py _fork catches BaseException and exits 70 instead of "
-    "honouring SystemExit.code"))
 def test_sys_exit_in_a_bundle_is_reported_with_its_own_code(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     admin = free_port()

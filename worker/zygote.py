@@ -104,6 +104,8 @@ class Zygote:
             code = 70
             try:
                 code = self._become_worker(spec, fds)
+            except SystemExit as exc:  # sys.exit() in the bundle: its code, as Python gives it
+                code = _exit_code(exc)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -153,6 +155,17 @@ class Zygote:
         # If the supervisor is gone, the lifeline ends us; nothing to report to.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.channel.send(P.pack_zygote(message))
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The status ``sys.exit(arg)`` ends a process with: None is 0, an int is
+    itself, anything else is printed and is 1."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
