@@ -419,9 +419,10 @@ class BundleRunner:
             new = await self._spawn(spec)
         except SwapAborted as exc:
             return self._report(str(exc), BundleState.FAILED)
-        given = state if new.hooks.get("restore") else None
+        given: bytes | None = None
         try:
             await self._load(new)
+            given = state if new.hooks.get("restore") else None
             await self._begin(new, given)
         except SwapAborted as exc:
             await self._discard(new, str(exc))

@@ -552,3 +552,19 @@ def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(tmp_path: Pat
         await until(serving(world, 1))
         assert world.workers[1].restored == b"state of 1"
     run(again, tmp_path / "second", "", store)
+
+
+def test_a_checkpoint_the_code_cannot_restore_says_how_to_start_without_it(
+        tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = CheckpointStore(tmp_path / "run")
+    store.save("b", 7, b"old state")
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"start": "ValueError: unknown field"})
+        await until(lambda: world.runner.state is BundleState.FAILED, "the start failed")
+        assert world.workers[1].calls == ["start"]
+        assert str(world.runner.last_error).endswith(
+            f"(if the saved state does not suit this code, fix restore() or delete "
+            f"{store.path('b')} to start without it)")
+    run(test, tmp_path, "", store)
