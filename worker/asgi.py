@@ -28,6 +28,7 @@ for the drain of a retirement alike): see ``HttpConnection.close_gracefully``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import select
 import socket
 import sys
@@ -84,6 +85,10 @@ class AsgiBundle:
             log_config=None, interface="auto",
         )
         self.config.load()
+        # One access line per request would flood the supervisor's shared log
+        # (and its rate limit): they are kept for log_level = "debug".
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO if debug else logging.WARNING)
         self.lifespan = Lifespan(self.config.loaded_app, ctx.log)
         # What a service bundle gets as ctx, an app finds in every scope's
         # state (lifespan and requests): scope["state"]["hotsup"].
@@ -214,6 +219,9 @@ class HttpConnection(HttpToolsProtocol):
     def __init__(self, config: uvicorn.Config, server_state: ServerState,
                  app_state: dict[str, Any], closed: asyncio.Future[None] | None = None) -> None:
         super().__init__(config, server_state, app_state)
+        # uvicorn formats an access line's arguments before the logger drops
+        # it: a cost on every request, unless we ask the logger first.
+        self.access_log = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
         self._closed = closed
         self._check: asyncio.TimerHandle | None = None
         self._grace = LAST_REQUEST_GRACE

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import selectors
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             return 3
     channel.send(P.pack_zygote({"op": "ready", "pid": os.getpid(),
                                 "preloaded": _locations(args.preload)}))
+    # Everything imported so far lives as long as every worker: out of the
+    # collector's sight, a worker's collections do not walk (and copy, page by
+    # page, out of the memory it shares with us) the zygote's objects. Measured
+    # in bench/asgi_swap.py: keep-alive throughput 0.91 -> 1.0 of plain uvicorn.
+    gc.freeze()
     return Zygote(channel, args.lifeline).serve()
 
 
