@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hotsup.worker import importer
+from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 MANIFEST = "bundle.toml"
 
@@ -270,9 +271,19 @@ def _timing(table: dict[str, Any], base: Timing, prefix: str, problems: _Problem
         ping_interval=_number(table, "ping_interval", base.ping_interval, prefix, problems),
         ping_timeout=_number(table, "ping_timeout", base.ping_timeout, prefix, problems,
                              positive=True),
-        max_snapshot_bytes=_number(table, "max_snapshot_bytes", base.max_snapshot_bytes,
-                                   prefix, problems, integer=True, positive=True),
+        max_snapshot_bytes=_snapshot_limit(table, base, prefix, problems),
     )
+
+
+def _snapshot_limit(table: dict[str, Any], base: Timing, prefix: str,
+                    problems: _Problems) -> int:
+    limit: int = _number(table, "max_snapshot_bytes", base.max_snapshot_bytes, prefix,
+                         problems, integer=True, positive=True)
+    if limit > MAX_WORKER_MESSAGE:
+        problems.add(f"{prefix}max_snapshot_bytes", f"must be at most {MAX_WORKER_MESSAGE} "
+                     f"(the largest message a worker may send), got {limit}")
+        return base.max_snapshot_bytes
+    return limit
 
 
 def parse_bind(bind: str, base: Path) -> tuple[str, int, Path | None]:

@@ -170,7 +170,7 @@ class Supervisor:
                 raise StartupError(f"{config.path}: supervisor.preload: {exc}") from None
             self._zygote = zygote
             stack.push_async_callback(self._stop_zygotes)
-            self._preloaded = sorted({Path(p) for p in zygote.preloaded.values()})
+            self._preloaded = _watchable(zygote.preloaded)
             self._preload_digest = await asyncio.to_thread(digest_paths, self._preloaded)
             self._services = Services(config, sockets, self._spawner(zygote),
                                       lambda source: adigest(source.path), checkpoints)
@@ -419,6 +419,24 @@ class Supervisor:
         for sig, command in table.items():
             loop.add_signal_handler(sig, self.commands.put_nowait, command)
             stack.callback(loop.remove_signal_handler, sig)
+
+
+def _watchable(preloaded: dict[str, str]) -> list[Path]:
+    """The preloaded packages' directories and modules' files worth watching.
+
+    A single-file module among the site's packages is not: watching it means
+    watching all of site-packages, which can use up the inotify watches that
+    the bundles need. Its upgrades take a restart.
+    """
+    paths: set[Path] = set()
+    for name, location in preloaded.items():
+        path = Path(location)
+        if path.is_file() and path.parent.name in ("site-packages", "dist-packages"):
+            log.info("preloaded module %s is a single file in %s: not watched (restart "
+                     "hotsup to pick up its upgrades)", name, path.parent)
+            continue
+        paths.add(path)
+    return sorted(paths)
 
 
 def _refuse(command: Command, error: ControlError) -> None:

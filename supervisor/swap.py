@@ -212,6 +212,7 @@ class BundleRunner:
         self._disk_read = False  # whether the checkpoint on disk was looked for
         self._pending = False  # a request (file change, reload, ...) waits for a pass
         self._checkpoint_due = False
+        self._checkpointing = False  # a checkpoint's snapshot() is running
         self._timers: list[asyncio.Task[None]] = []
         # The previous generation, paused and loaded, while the new one is on probation.
         self._held: Generation | None = None
@@ -340,18 +341,14 @@ class BundleRunner:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._release_held(retire=False)  # retired below with the others
-        gen = self.current
-        if gen is not None and gen.state is S.READY and gen.hooks.get("snapshot") \
-                and not gen.process.exited.done():
-            try:  # the shut-down checkpoint: what a restarted supervisor resumes from
-                await self._keep_state(await self._pause(gen), gen)
-            except SwapAborted as exc:
-                self.log.warning("%s: no checkpoint at shut-down: %s", gen.tag, exc)
+        # The shut-down checkpoint, what a restarted supervisor resumes from:
+        # the serving generation's state once it has drained.
+        keep = self.current if self.current and self.current.hooks.get("snapshot") else None
         self.current = None
         self._serving = None
         for gen in list(self._gens.values()):
             if gen.state in (S.READY, S.PAUSED):
-                self._retire_later(gen)
+                self._retire_later(gen, keep=gen is keep)
             elif gen.state in (S.SPAWNING, S.LOADED, S.FAILED):  # FAILED: a discard cut short
                 await self._discard(gen, "shutting down")
             # RETIRING and EXITED: their retire task, awaited below, finishes them
@@ -430,6 +427,7 @@ class BundleRunner:
             if given is not None and self.svc.checkpoints is not None:
                 hint = (f" (if the saved state does not suit this code, fix restore() or "
                         f"delete {self.svc.checkpoints.path(self.name)} to start without it)")
+                self._last_state, self._disk_read = None, False  # the next start reads it anew
             return self._report(f"{new.tag} did not start: {exc}{hint}", BundleState.FAILED)
         self._make_current(new, spec)
         self.log.info("%s: serving (pid %s)", new.tag, new.process.pid)
@@ -491,13 +489,9 @@ class BundleRunner:
         gen, self.current = self.current, None
         self._serving = None
         if gen is not None:
-            if gen.hooks.get("snapshot") and not gen.process.exited.done():
-                try:  # quiesce and keep its state: `hotsup run` starts from it
-                    await self._keep_state(await self._pause(gen), gen)
-                except SwapAborted as exc:
-                    self.log.warning("%s: stopping without a snapshot (%s); `hotsup run` will "
-                                     "start from the last state handed over", gen.tag, exc)
-            await self._retire(gen)  # drain, stop(), exit
+            # Drain, keep its final state (`hotsup run` starts from it), stop(),
+            # exit; shielded: a shut-down meanwhile waits for it, not cuts it.
+            await asyncio.shield(self._retire_later(gen, keep=bool(gen.hooks.get("snapshot"))))
         self._release_sockets()
         self.state = BundleState.STOPPED
         self.log.info("%s: stopped", self.name)
@@ -659,8 +653,10 @@ class BundleRunner:
         newer = self._last_state if self._state_of > held.number \
             and held.hooks.get("restore") else None
         if not await self._resume(held, None, newer):
+            self._retire_later(held)  # killed by _resume: reap it
             return None
         self._make_current(held, held.spec)
+        self._state_of = held.number  # its own state is the newest from here on
         self._release_sockets()  # addresses only the dead one had
         return self._report(f"{error}, on probation: swap rolled back, {held.tag} serves again"
                             f"{' from the newest checkpoint' if newer else ''} (the same files "
@@ -680,7 +676,8 @@ class BundleRunner:
             try:
                 await gen.process.call(P.OP_PING, timeout)
             except WorkerError:
-                if gen is self.current and gen.state is S.READY \
+                # A long snapshot() blocks the loop too, with its own deadline.
+                if gen is self.current and gen.state is S.READY and not self._checkpointing \
                         and not gen.process.exited.done():
                     gen.hung = (f"did not answer a ping within {timeout:g}s (its event loop "
                                 f"is blocked) and was killed")
@@ -703,12 +700,15 @@ class BundleRunner:
         if gen is None or gen.state is not S.READY:
             return
         timing = gen.spec.timing
+        self._checkpointing = True
         try:
             _, data = await gen.process.call(P.OP_SNAPSHOT, timing.quiesce_timeout + STOP_GRACE,
                                              max_bytes=timing.max_snapshot_bytes)
         except WorkerError as exc:
             self.log.error("%s: checkpoint failed: %s", gen.tag, exc)
             return
+        finally:
+            self._checkpointing = False
         if data is not None:
             await self._keep_state(data, gen)
 
@@ -744,17 +744,28 @@ class BundleRunner:
             return found.payload
         return None
 
-    def _retire_later(self, gen: Generation) -> None:
-        task = asyncio.ensure_future(self._retire(gen))
+    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[None]:
+        """Retire ``gen`` in a task of its own (close() waits for every one)."""
+        task = asyncio.ensure_future(self._retire(gen, keep))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        return task
 
-    async def _retire(self, gen: Generation) -> None:
-        """Ask (retire: drain, stop(), exit), wait until the deadline, kill, reap."""
+    async def _retire(self, gen: Generation, keep: bool = False) -> None:
+        """Ask (retire: drain, stop(), exit), wait until the deadline, kill, reap.
+
+        ``keep``: take its snapshot once drained (nothing changes it after
+        that) and keep it as the newest state, on disk too.
+        """
         self._move(gen, S.RETIRING)
-        drain = gen.spec.timing.drain_timeout
+        timing = gen.spec.timing
+        drain = timing.drain_timeout
         try:
-            await gen.process.call(P.OP_RETIRE, drain + STOP_GRACE, drain_timeout=drain)
+            _, state = await gen.process.call(P.OP_RETIRE, drain + STOP_GRACE,
+                                              drain_timeout=drain, snapshot=keep,
+                                              max_bytes=timing.max_snapshot_bytes)
+            if keep and state is not None:
+                await self._keep_state(state, gen)
         except WorkerError as exc:
             self.log.warning("%s: retire: %s", gen.tag, exc)
         if not await gen.process.wait_exit(STOP_GRACE):

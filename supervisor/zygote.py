@@ -104,6 +104,7 @@ class Zygote:
             raise
         finally:
             self._pending.pop(request_id, None)
+            self._maybe_retired()  # a replaced zygote waited for this spawn too
         return pid
 
     async def _ensure_running(self) -> None:

@@ -73,7 +73,8 @@ class FakeWorker:
             self.crash()
         if op == "resume":
             self.restored = payload or self.restored
-        data = f"state of {self.number}".encode() if op in ("pause", "snapshot") else None
+        snapshots = op in ("pause", "snapshot") or (op == "retire" and fields.get("snapshot"))
+        data = f"state of {self.number}".encode() if snapshots else None
         return {"ok": True}, data
 
     def crash(self) -> None:

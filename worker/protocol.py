@@ -27,7 +27,8 @@ Supervisor -> worker requests (each has an ``id``; the worker replies once):
 (stop accepting, wait for in-flight connections unless ``wait`` is false,
 optionally ``snapshot``; the reply's payload is the snapshot), ``resume``
 (payload: a newer state to ``restore()`` first, if any), ``snapshot`` (without
-pausing), ``retire`` (stop accepting, drain, ``stop()``, then exit), ``ping``.
+pausing), ``retire`` (stop accepting, drain, optionally ``snapshot`` (the
+reply's payload), ``stop()``, then exit), ``ping``.
 A snapshot is refused (``error_type`` ``SnapshotError``) when it cannot be
 pickled or is larger than the request's ``max_bytes``.
 """

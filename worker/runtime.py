@@ -313,7 +313,8 @@ class Worker:
     async def _snapshot(self, header: dict[str, Any], payload: bytes | None) -> bytes:
         return self._take_snapshot(header)
 
-    async def _retire(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+    async def _retire(self, header: dict[str, Any],
+                      payload: bytes | None) -> bytes | dict[str, Any]:
         self.ctx.accepting = False
         for listener in self.ctx.listeners:
             listener.pause()
@@ -323,12 +324,18 @@ class Worker:
             for listener in self.ctx.listeners:
                 cut += await listener.cancel_inflight()
             self.log.warning("drain_timeout (%gs) passed: cut %d connection(s)", timeout, cut)
+        state: bytes | None = None
+        if header.get("snapshot"):  # the final state, once nothing can change it any more
+            try:
+                state = self._take_snapshot(header)
+            except Exception as exc:
+                self.log.error("no snapshot at retirement: %s", _one_line(exc))
         stop = getattr(self.bundle, "stop", None)
         if callable(stop):
             await _maybe_await(stop())
         for listener in self.ctx.listeners:
             listener.close()
-        return {"cut": cut}
+        return state if state is not None else {"cut": cut}
 
     async def _ping(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
         return {"pong": time.time()}
