@@ -569,3 +569,111 @@ def test_a_checkpoint_the_code_cannot_restore_says_how_to_start_without_it(
             f"(if the saved state does not suit this code, fix restore() or delete "
             f"{store.path('b')} to start without it)")
     run(test, tmp_path, "", store)
+
+
+# -- found in review: shut-down, stop and fall-back corners -----------------------------
+
+def test_a_shut_down_during_stop_still_reaps_the_retiring_generation(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(hang={"retire"})
+        await until(serving(world, 1))
+        world.runner.stop()
+        await until(lambda: "retire" in world.workers[1].calls, "retiring")
+        await world.runner.close()
+        assert world.workers[1].killed and not world.runner._gens
+    run(test, tmp_path, "drain_timeout = 0.1\n")
+
+
+def test_a_held_generation_that_cannot_resume_is_reaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"resume": "RuntimeError: restore failed"})
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        world.workers[2].crash()
+        await until(serving(world, 3), "restarted instead")
+        await until(lambda: 1 not in world.runner._gens, "generation 1 reaped")
+        assert world.workers[1].killed and world.workers[1].closing
+    run(test, tmp_path, "probation = 30\n")
+
+
+def test_stop_right_after_a_failed_resume(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"resume": "timeout"})
+        await until(serving(world, 1))
+        first = world.workers[1]
+        loop = asyncio.get_running_loop()
+
+        def slow_kill() -> None:  # a real kill is seen a moment later (pidfd, zygote)
+            first.killed = True
+            loop.call_later(0.05, first.crash)
+        first.kill = slow_kill  # type: ignore[method-assign]
+        world.gate = asyncio.Event()
+        world.change("v2", Script(fail={"start": "boom"}))
+        await until(lambda: world.runner.state is BundleState.SWAPPING)
+        stopped = world.runner.stop()  # arrives during the swap
+        world.gate.set()
+        assert (await stopped)["result"] == "stopped"
+        await until(lambda: not world.runner._gens, "every generation reaped")
+    run(test, tmp_path)
+
+
+def test_a_shut_down_during_a_hand_over_keeps_the_paused_state(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = CheckpointStore(tmp_path / "run")
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2", Script(hang={"start"}))
+        await until(lambda: 2 in world.workers and "start" in world.workers[2].calls)
+    run(test, tmp_path, "start_timeout = 5.0\n", store)
+    saved = store.load("b")
+    assert saved is not None and saved.payload == b"state of 1"
+
+
+def test_the_shut_down_checkpoint_is_taken_even_with_a_connection_open(
+        tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = CheckpointStore(tmp_path / "run")
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(busy=1)
+        await until(serving(world, 1))
+    run(test, tmp_path, "", store)
+    saved = store.load("b")
+    assert saved is not None and saved.payload == b"state of 1"
+
+
+def test_after_a_fall_back_its_own_state_is_the_newest(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"snapshot": "slow"})  # its checkpoint is not due yet
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        await until(lambda: world.runner._state_of == 2)
+        world.workers[2].crash()
+        await until(serving(world, 1))
+        world.workers[1].restored = None
+        world.change("v3", Script(hooks=False))
+        await until(serving(world, 3))
+        world.workers[3].crash()
+        await until(serving(world, 1))
+        assert world.workers[1].restored is None, "not generation 2's old checkpoint"
+    run(test, tmp_path, "probation = 30\ncheckpoint_interval = 0.05\n")
+
+
+def test_deleting_the_checkpoint_the_hint_names_lets_run_start_fresh(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = CheckpointStore(tmp_path / "run")
+    store.save("b", 7, b"old state")
+
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"start": "ValueError: unknown field"})
+        await until(lambda: world.runner.state is BundleState.FAILED, "the start failed")
+        store.discard("b")  # as the hint says
+        report = await world.runner.run_again()
+        assert report["result"] == "started" and world.workers[2].restored is None
+    run(test, tmp_path, "", store)
