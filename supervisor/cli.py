@@ -255,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     except ControlError as exc:
         print(f"hotsup {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C while waiting: the supervisor carries on
+        return 130
+    except BrokenPipeError:  # `hotsup status | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 

@@ -118,7 +118,7 @@ def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
         raise BadRequest(f"expected one frame, got {len(frames)}")
     try:
         body = json.loads(frames[0])
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("the request is not a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest("the request is not a JSON object")
@@ -154,6 +154,8 @@ def _check_args(cmd: str, args: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, types):
             wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types)
             raise ControlError(f"{cmd}: argument {name!r} must be {wanted}")
+        if isinstance(value, int | float) and not -2**53 <= value <= 2**53:
+            raise ControlError(f"{cmd}: argument {name!r} is out of range")
 
 
 def _reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
@@ -249,9 +251,9 @@ def probe(run_dir: Path) -> None:
         raise Unreachable(f"no hotsup is running here: {run_dir} does not exist") from None
     except PermissionError:
         raise Unreachable(f"permission denied: cannot read {run_dir}") from None
-    if info.st_uid != os.getuid():
+    if info.st_uid != os.geteuid():
         raise Unreachable(f"{run_dir} belongs to uid {info.st_uid}, not to you "
-                          f"(uid {os.getuid()}): refusing to talk to its supervisor")
+                          f"(uid {os.geteuid()}): refusing to talk to its supervisor")
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise Unreachable(f"{run_dir} is open to other users (mode "
                           f"{stat.S_IMODE(info.st_mode):o}); a supervisor makes it 0700")
@@ -296,8 +298,10 @@ class ControlClient:
                     raise Unreachable(f"the supervisor did not answer {cmd!r} within "
                                       f"{timeout:g}s")
                 reply = json.loads(sock.recv())
-                if isinstance(reply, dict) and reply.get("id") == request_id:
-                    break  # anything else is a stale reply to an earlier request
+                # A fresh socket hears only about its own request: id null is
+                # a refusal that came before the id was read (too many requests).
+                if isinstance(reply, dict) and reply.get("id") in (request_id, None):
+                    break
         finally:
             sock.close()
             zctx.term()

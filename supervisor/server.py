@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -126,6 +127,7 @@ class Supervisor:
         self._lifeline = -1
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
         self._preload_digest = ""
+        self._replacing = False  # a new zygote is being started
         self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
@@ -195,15 +197,21 @@ class Supervisor:
                 except Exception as exc:  # one bad command must not take every bundle down
                     log.exception("failed to handle %r", command)
                     _refuse(command, ControlError(f"internal error: {exc!r}"))
+            while not self.commands.empty():  # asked for after the shutdown: say so
+                _refuse(self.commands.get_nowait(),
+                        ControlError("the supervisor is shutting down"))
             log.info("shutting down (%s): draining every bundle", self._stopping)
         log.info("hotsup stopped")
         return 0
 
     def submit(self, request: Request) -> Reply:
         """A control request as a command on the queue; its reply future."""
-        if self._stopping is not None:
-            raise ControlError("the supervisor is shutting down")
         reply: Reply = asyncio.get_running_loop().create_future()
+        if self._stopping is not None:
+            if request.cmd != "shutdown":
+                raise ControlError("the supervisor is shutting down")
+            reply.set_result({"pid": os.getpid()})  # it is: the caller waits for the exit
+            return reply
         args = request.args
         make: dict[str, Callable[[], Command]] = {
             "status": lambda: Status(reply),
@@ -223,6 +231,8 @@ class Supervisor:
     async def _on_reload(self, command: Reload) -> None:
         if command.name is None:
             targets = [r for _, r in sorted(self.runners.items()) if not r.stopped]
+            if not targets and command.reply is not None:
+                raise ControlError("no bundle to reload (none, or all stopped)")
         else:
             targets = [self._runner(command.name)]
             if targets[0].stopped:
@@ -237,6 +247,12 @@ class Supervisor:
 
     async def _on_run(self, command: Run) -> None:
         runner = self._runner(command.name)
+        if not runner.stopped and runner.state is not BundleState.FAILED:
+            command.reply.set_result({
+                "name": runner.name, "result": "unchanged", "ok": True,
+                "message": f"already {runner.state.value}", "duration_ms": 0.0,
+                "generation": runner.current.number if runner.current else None})
+            return
         _reply_when_done([runner.run_again()], command.reply, lambda reports: reports[0])
 
     async def _on_status(self, command: Status) -> None:
@@ -253,12 +269,15 @@ class Supervisor:
             raise ControlError(f"no bundle named {command.name!r}")
 
         async def answer() -> None:
-            if command.wait > 0 and not self.sink.after(command.after, command.name, 1):
-                try:
-                    await self.sink.wait(command.after, command.wait)
-                except asyncio.CancelledError:
-                    _refuse(command, ControlError("the supervisor is shutting down"))
-                    raise
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + command.wait
+            try:  # other bundles' records wake us too: wait on for one of ours
+                while not self.sink.after(command.after, command.name, 1) \
+                        and (left := deadline - loop.time()) > 0:
+                    await self.sink.wait(self.sink.last_seq(), left)
+            except asyncio.CancelledError:
+                _refuse(command, ControlError("the supervisor is shutting down"))
+                raise
             records = self.sink.after(command.after, command.name, command.limit)
             if not command.reply.done():
                 command.reply.set_result({"records": [asdict(r) for r in records],
@@ -268,8 +287,11 @@ class Supervisor:
         self._background(answer())
 
     async def _on_files_changed(self, command: FilesChanged) -> None:
-        if any(p == t or t in p.parents for p in command.paths for t in self._preloaded):
-            await self._preload_changed()
+        if any(p == t or t in p.parents for p in command.paths for t in self._preloaded) \
+                and not self._replacing:
+            # A new zygote may take long to import: not in the command loop.
+            self._replacing = True
+            self._background(self._preload_changed())
         bundles_dir = self.config.bundles_dir
         for runner in self.runners.values():
             root = runner.source.path
@@ -311,6 +333,12 @@ class Supervisor:
         """A preloaded package's files changed (a pip upgrade): start a zygote
         that imports the new code and swap every bundle onto it. The old
         zygote stays, spawning nothing, until the workers it forked are gone."""
+        try:
+            await self._replace_zygote()
+        finally:
+            self._replacing = False
+
+    async def _replace_zygote(self) -> None:
         digest = await asyncio.to_thread(digest_paths, self._preloaded)
         if digest == self._preload_digest or self._services is None or self._zygote is None:
             return  # bytecode written, a file touched: nothing that runs changed
@@ -478,8 +506,15 @@ def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
     """Create run_dir owner-only, take its lock, clear what a dead supervisor left."""
     try:
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.stat(run_dir)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            # Someone else's directory (a shared /tmp, say): they could swap
+            # our sockets, checkpoints or lock file for their own.
+            raise StartupError(f"run_dir {run_dir} belongs to uid {info.st_uid}, not to us "
+                               f"(uid {os.geteuid()}): choose another run_dir")
         os.chmod(run_dir, 0o700)  # mkdir's mode is masked by umask; be explicit
-        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(run_dir / "lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise StartupError(f"run_dir {run_dir}: {exc.strerror or exc}") from None
     try:

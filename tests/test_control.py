@@ -146,6 +146,10 @@ def test_stop_closes_the_port_and_run_brings_the_state_back(hotsup: MakeHotsup) 
     assert done.stdout.startswith("counter: started in "), done.stdout
     assert request(port, "get").startswith("count=3 generation=2"), "the count survived"
     assert status(sup)["counter"]["state"] == "running"
+    again = sup.cli("run", "counter")
+    assert again.returncode == 0 and "unchanged" in again.stdout and "already running" in \
+        again.stdout, again.stdout
+    assert request(port, "get").startswith("count=3 generation=2"), "run did not swap it"
 
 
 def test_logs_show_tagged_records_and_follow_across_a_swap(hotsup: MakeHotsup) -> None:
@@ -288,6 +292,9 @@ GARBAGE: dict[str, tuple[list[bytes], str]] = {
                          "run: argument 'name' is required"),
     "args not an object": ([b'{"v": 1, "id": "a", "cmd": "status", "args": []}'],
                            "args must be a JSON object"),
+    "deep nesting": ([b"[" * 50_000], "the request is not a JSON object"),
+    "a number too large": ([b'{"v": 1, "id": "a", "cmd": "logs", "args": {"wait": 1'
+                            + b"0" * 400 + b"}}"], "logs: argument 'wait' is out of range"),
 }
 
 
@@ -442,3 +449,37 @@ def test_check_names_the_file_and_key_of_each_problem(hotsup: MakeHotsup, kind: 
     for line in lines[:-1]:
         assert line.startswith(str(sup.root)), "every problem names its file"
     assert not (sup.root / ".hotsup").exists(), "check starts nothing"
+
+
+def test_requests_queued_behind_a_shutdown_are_refused_not_forgotten(
+        control: tuple[Hotsup, zmq.Socket[bytes]]) -> None:
+    sup, sock = control
+    zctx = zmq.Context.instance()
+    other = zctx.socket(zmq.DEALER)
+    other.setsockopt(zmq.LINGER, 0)
+    other.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        other.connect(f"ipc://{sup.root / '.hotsup' / 'control'}")
+        sock.send(json.dumps({"v": 1, "id": "s", "cmd": "shutdown"}).encode())
+        other.send(json.dumps({"v": 1, "id": "t", "cmd": "stop",
+                               "args": {"name": "counter"}}).encode())
+        assert json.loads(sock.recv())["ok"] is True
+        reply = json.loads(other.recv())  # an answer, whichever it is: never silence
+        assert reply["id"] == "t"
+        assert reply["ok"] or reply["error"] == "the supervisor is shutting down", reply
+    finally:
+        other.close()
+    assert sup.proc is not None and sup.proc.wait(15) == 0
+
+
+@pytest.mark.skipif(_nobody() is None, reason="needs root and a 'nobody' user to test as")
+def test_a_run_dir_owned_by_another_user_is_refused(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+    run = sup.root / ".hotsup"
+    run.mkdir(mode=0o777)
+    os.chown(run, _nobody() or 0, -1)
+    sup.start()
+    assert sup.proc is not None and sup.proc.wait(30) == 2
+    assert f"run_dir {run} belongs to uid {_nobody()}, not to us (uid 0)" in sup.log()
+    assert not (run / "lock").exists()
