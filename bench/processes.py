@@ -24,6 +24,7 @@ class ProcStat:
     state: str  # "R", "S", "Z", ...
     ppid: int
     session: int
+    name: str = ""  # the command name (hotsup names its workers and its spare)
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -35,7 +36,8 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
     # The command name, in parentheses, may itself contain spaces and ")".
     fields = text[text.rindex(")") + 2:].split()
-    return ProcStat(pid, fields[0], int(fields[1]), int(fields[3]))
+    name = text[text.index("(") + 1:text.rindex(")")]
+    return ProcStat(pid, fields[0], int(fields[1]), int(fields[3]), name)
 
 
 def all_processes() -> list[ProcStat]:

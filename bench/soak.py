@@ -90,6 +90,10 @@ class Sample:
     settled: bool
 
 
+#: The command name of the child the zygote keeps forked for the next spawn.
+SPARE = "hotsup-spare"
+
+
 def family(sup: int) -> tuple[int | None, int, int]:
     """(zygote pid, live workers, zombies) of the supervisor ``sup``.
 
@@ -100,8 +104,9 @@ def family(sup: int) -> tuple[int | None, int, int]:
     zygotes = [p.pid for p in procs if p.ppid == sup and p.state != "Z"
                and "hotsup.worker.zygote" in cmdline(p.pid)]
     zygote = zygotes[0] if len(zygotes) == 1 else None
+    # The zygote's children: the workers, and the spare it forks ahead of time.
     workers = sum(1 for p in procs if zygote is not None and p.ppid == zygote
-                  and p.state != "Z")
+                  and p.state != "Z" and p.name != SPARE)
     zombies = sum(1 for p in procs if p.state == "Z"
                   and (p.ppid in (sup, zygote) or p.session == sup))
     return zygote, workers, zombies

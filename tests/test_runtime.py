@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -331,3 +332,29 @@ def test_a_broken_preloaded_package_keeps_the_running_code(hotsup: MakeHotsup,
     sup.wait_log(r"counter@2: swapped from counter@1")
     assert request(port).endswith("generation=2 tag=v2")
     assert sup.stop() == 0
+
+
+def test_the_zygote_keeps_a_spare_forked_and_names_its_children(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nprobation = 0\n")
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    sup.start()
+    zygote = int(sup.wait_log(r"zygote (\d+) ready"))
+    sup.wait_log(r"counter@1: serving")
+
+    def children() -> list[str]:
+        names = []
+        for pid in sup.leftovers():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == zygote:
+                    names.append(stat[stat.index("(") + 1:stat.rindex(")")])
+        return sorted(names)
+
+    wait_for(lambda: children() == ["counter@1", "hotsup-spare"], what="a worker and a spare")
+    save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
+    sup.wait_log(r"counter@2: swapped from counter@1")
+    assert request(port).endswith("generation=2 tag=v1"), "the spare became counter@2"
+    wait_for(lambda: children() == ["counter@2", "hotsup-spare"], what="a new spare")
+    assert sup.stop() == 0
+    assert sup.leftovers() == [], "the spare went with the zygote"

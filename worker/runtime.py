@@ -41,15 +41,22 @@ from .context import BundleContext
 ORPHAN_GRACE = 1.0
 
 
-def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int) -> int:
-    """Run the worker to its end and return its exit code."""
+def prepare(lifeline: int) -> asyncio.AbstractEventLoop:
+    """What a worker sets up whatever its bundle: the zygote's spare does it
+    before the spawn request comes. Returns the worker's event loop."""
+    _start_watchdog(lifeline)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop
+
+
+def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int,
+        loop: asyncio.AbstractEventLoop) -> int:
+    """Run the worker (``prepare``d) to its end and return its exit code."""
     path = Path(spec["path"])
     sys.argv = [f"hotsup:{spec['bundle']}@{spec['generation']}"]  # not the zygote's arguments
     importer.install(path)
-    _start_watchdog(lifeline)
     log = _setup_logging(spec)
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_main(spec, sockets, lifeline, log))
     finally:

@@ -15,11 +15,16 @@ or wakeup fd for a child to inherit.
 
 Forking a process that already imported the heavy, unchanging parts starts a
 generation in a few milliseconds instead of the tens a fresh interpreter needs.
+And the fork itself is done ahead of time: a *spare* child, forked after each
+spawn, sets up what does not depend on the bundle (its process group, signals,
+watchdog, event loop) and waits for a spawn request of its own, so a swap
+does not wait for a fork.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import importlib
@@ -29,6 +34,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 # Imported here, once, so every worker forked from us has them already.
@@ -52,20 +58,25 @@ class Zygote:
         self.lifeline = lifeline
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, int] = {}  # pidfd -> pid
+        self.spare: tuple[int, socket.socket] | None = None  # pid, its request socket
 
     def serve(self) -> int:
         self.selector.register(self.channel, selectors.EVENT_READ, "channel")
         self.selector.register(self.lifeline, selectors.EVENT_READ, "lifeline")
-        while True:
-            for key, _ in self.selector.select():
-                if key.data == "channel":
-                    if not self._on_request():
-                        return 0
-                elif key.data == "lifeline":
-                    if not os.read(self.lifeline, 1):
-                        return 0
-                else:
-                    self._on_child_exit(key.fd)
+        self._fork_spare()
+        try:
+            while True:
+                for key, _ in self.selector.select():
+                    if key.data == "channel":
+                        if not self._on_request():
+                            return 0
+                    elif key.data == "lifeline":
+                        if not os.read(self.lifeline, 1):
+                            return 0
+                    else:
+                        self._on_child_exit(key.fd)
+        finally:
+            self._drop_spare()
 
     def _on_request(self) -> bool:
         try:
@@ -93,18 +104,80 @@ class Zygote:
         finally:
             for fd in fds:
                 os.close(fd)
+        if self.spare is None:
+            # The next one, while this worker imports its bundle; only now
+            # that this request's sockets and log pipe are closed here.
+            self._fork_spare()
         return True
 
     def _fork(self, spec: P.SpawnSpec, fds: list[int]) -> int:
         if len(fds) != 1 + len(spec["socket_names"]):
             raise P.ProtocolError(f"spawn carried {len(fds)} fds for {spec['socket_names']}")
+        pid = self._hand_to_spare(spec, fds)
+        if pid is not None:
+            return pid
+        return self._fork_child(lambda: self._become_worker(spec, fds, self._detach()))
+
+    def _hand_to_spare(self, spec: P.SpawnSpec, fds: list[int]) -> int | None:
+        """Give the request to the waiting spare; its pid, or None if there is none."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        pid, sock = spare
+        try:
+            socket.send_fds(sock, [P.pack_zygote({"op": P.ZY_SPAWN, "spec": spec})], fds)
+        except OSError:  # it died meanwhile; its exit is reported as any child's
+            return None
+        finally:
+            sock.close()
+        return pid
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = self._fork_child(lambda: self._wait_as_spare(theirs, ours))
+        except OSError:
+            ours.close()
+            return  # no spare: the next spawn forks the usual way
+        finally:
+            theirs.close()
+        self.spare = (pid, ours)
+
+    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> int:
+        zygote_end.close()
+        loop = self._detach()
+        _name_process("hotsup-spare")
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, P.MAX_ZYGOTE_MESSAGE, _MAX_FDS)
+        except OSError:
+            return 0
+        finally:
+            sock.close()
+        if not data:
+            return 0  # the zygote is done with us
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        spec: P.SpawnSpec = P.unpack_zygote(data)["spec"]
+        return self._become_worker(spec, fds, loop)
+
+    def _drop_spare(self) -> None:
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        pid, sock = spare
+        sock.close()  # EOF: it exits
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    def _fork_child(self, body: Callable[[], int]) -> int:
+        """Fork a child that runs ``body`` and exits with its code; its pid."""
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             code = 70
             try:
-                code = self._become_worker(spec, fds)
+                code = body()
             except SystemExit as exc:  # sys.exit() in the bundle: its code, as Python gives it
                 code = _exit_code(exc)
             except BaseException:
@@ -120,7 +193,9 @@ class Zygote:
         self.selector.register(pidfd, selectors.EVENT_READ, "child")
         return pid
 
-    def _become_worker(self, spec: P.SpawnSpec, fds: list[int]) -> int:
+    def _detach(self) -> asyncio.AbstractEventLoop:
+        """In a new child: leave the zygote's group, signals and fds behind, and
+        prepare what a worker needs whatever its bundle."""
         # Own process group: the supervisor stops a worker and whatever it
         # spawned with one killpg, and a terminal's Ctrl-C reaches only the
         # supervisor, which drains the workers in order.
@@ -135,6 +210,13 @@ class Zygote:
         self.channel.close()
         for pidfd in self.children:
             os.close(pidfd)
+        if self.spare is not None:
+            self.spare[1].close()
+        return runtime.prepare(self.lifeline)
+
+    def _become_worker(self, spec: P.SpawnSpec, fds: list[int],
+                       loop: asyncio.AbstractEventLoop) -> int:
+        _name_process(f"{spec['bundle']}@{spec['generation']}")
         log_fd, socket_fds = fds[0], fds[1:]
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -143,10 +225,13 @@ class Zygote:
             name: socket.socket(fileno=fd)
             for name, fd in zip(spec["socket_names"], socket_fds, strict=True)
         }
-        return runtime.run(spec, sockets, self.lifeline)
+        return runtime.run(spec, sockets, self.lifeline, loop)
 
     def _on_child_exit(self, pidfd: int) -> None:
         pid = self.children.pop(pidfd)
+        if self.spare is not None and self.spare[0] == pid:  # died waiting: fork anew later
+            self.spare[1].close()
+            self.spare = None
         self.selector.unregister(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
@@ -156,6 +241,12 @@ class Zygote:
         # If the supervisor is gone, the lifeline ends us; nothing to report to.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.channel.send(P.pack_zygote(message))
+
+
+def _name_process(name: str) -> None:
+    """What ``ps -o comm`` and ``top`` show for this process (15 bytes at most)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
 
 
 def _exit_code(exc: SystemExit) -> int:
