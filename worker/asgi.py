@@ -44,6 +44,7 @@ from . import importer
 from .context import BundleContext
 from .lifespan import AsgiApp, Lifespan, Message
 from .listener import Listener
+from .protocol import BACKLOG
 
 #: How long a keep-alive connection that is idle when a swap starts may take to
 #: send one more request (answered with ``Connection: close``) before it is
@@ -126,6 +127,16 @@ def _hook(module: Any, name: str) -> Any:
 class HttpListener(Listener):
     """Hands every accepted connection to an ``HttpConnection`` (uvicorn's protocol).
 
+    Accepting is uvloop's own server (in C, as fast as plain uvicorn's) on a
+    copy of the shared socket, opened by ``resume()`` and closed by
+    ``pause()``. The trap DESIGN.md warns of (``Server.close()`` losing a
+    connection accepted just before it) is asyncio's default loop, which
+    accepts first and builds the transport in a later task; uvloop accepts and
+    builds the transport and protocol in one callback, so a close can only
+    come between connections, and connections already made are not touched.
+    Closing our copy of the socket loses nothing (the supervisor's copy keeps
+    the backlog), and uvloop is given the shared backlog, never its default.
+
     A connection is in flight (``inflight``, ``wait_idle``) from its accept
     until it is closed. That is no obstacle to a pause: ``pause()`` makes every
     connection close gracefully, idle keep-alive ones within
@@ -142,8 +153,54 @@ class HttpListener(Listener):
         self._closing = False  # paused: connections must end, new ones too
         self._grace = LAST_REQUEST_GRACE
         self._clock: asyncio.TimerHandle | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._tick()
         super().__init__(name, sock, log, accepting)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._connections)
+
+    def _set_reading(self, on: bool) -> None:
+        if on and not self._reading:
+            self._reading = True
+            self._loop.create_task(self._open())
+        elif not on and self._reading:
+            self._reading = False
+            if self._server is not None:
+                self._server.close()  # our copy of the socket; no connection is touched
+                self._server = None
+
+    async def _open(self) -> None:
+        # With sock=, uvloop's create_server listens and returns without
+        # yielding, so nothing is accepted between it and the check below.
+        try:
+            server = await self._loop.create_server(
+                self._new_connection, sock=self._sock.dup(), backlog=BACKLOG)
+        except OSError as exc:  # EMFILE, say: the backlog keeps them; try again
+            self._log.error("cannot serve socket %r: %s", self.name, exc)
+            if self._reading and self._retry is None:
+                self._reading = False
+                self._retry = self._loop.call_later(0.1, self._retry_accept)
+            return
+        if not self._reading or self._server is not None:  # paused meanwhile
+            server.close()
+            return
+        self._server = server
+
+    def _new_connection(self) -> HttpConnection:
+        return HttpConnection(self._config, self._state, self._app_state, self)
+
+    def _opened(self, connection: HttpConnection) -> None:
+        self._connections.add(connection)
+        self._idle.clear()
+        if self._closing:  # accepted just before a pause
+            connection.close_gracefully(self._grace)
+
+    def _ended(self, connection: HttpConnection) -> None:
+        self._connections.discard(connection)
+        if not self._connections:
+            self._idle.set()
 
     def pause(self) -> None:
         super().pause()
@@ -168,7 +225,9 @@ class HttpListener(Listener):
         return await super().wait_idle(timeout)
 
     async def cancel_inflight(self) -> int:
-        cut = await super().cancel_inflight()
+        cut = len(self._connections)
+        for connection in list(self._connections):
+            connection.transport.abort()
         # The connections are gone; their requests' tasks would run on unheard.
         tasks = list(self._state.tasks)
         for task in tasks:
@@ -188,26 +247,6 @@ class HttpListener(Listener):
         self._state.default_headers = [(b"date", now), *self._config.encoded_headers]
         self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
-    async def _serve_connection(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[None] = loop.create_future()
-        protocol = HttpConnection(self._config, self._state, self._app_state, closed)
-        try:
-            await loop.connect_accepted_socket(lambda: protocol, sock=conn)
-        except OSError as exc:
-            conn.close()
-            self._log.warning("connection on %r lost before it was served: %s", self.name, exc)
-            return
-        self._connections.add(protocol)
-        try:
-            if self._closing:  # accepted just before a pause
-                protocol.close_gracefully(self._grace)
-            await closed
-        finally:
-            self._connections.discard(protocol)
-            if not closed.done():  # cancelled: drain_timeout passed
-                protocol.transport.abort()
-
 
 class HttpConnection(HttpToolsProtocol):
     """uvicorn's httptools protocol, which can also end its connection for a swap.
@@ -217,24 +256,29 @@ class HttpConnection(HttpToolsProtocol):
     """
 
     def __init__(self, config: uvicorn.Config, server_state: ServerState,
-                 app_state: dict[str, Any], closed: asyncio.Future[None] | None = None) -> None:
+                 app_state: dict[str, Any], listener: HttpListener | None = None) -> None:
         super().__init__(config, server_state, app_state)
         # uvicorn formats an access line's arguments before the logger drops
         # it: a cost on every request, unless we ask the logger first.
         self.access_log = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
-        self._closed = closed
+        self._listener = listener
         self._check: asyncio.TimerHandle | None = None
         self._grace = LAST_REQUEST_GRACE
         self._idle_since: float | None = None
         self._ending = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self._listener is not None:
+            self._listener._opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self._check is not None:
             self._check.cancel()
             self._check = None
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+        if self._listener is not None:
+            self._listener._ended(self)
 
     def close_gracefully(self, grace: float) -> None:
         """End this connection between requests, so its client loses nothing.

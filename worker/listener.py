@@ -99,7 +99,7 @@ class Listener:
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no connection is in flight, False if ``timeout`` passed first."""
-        if not self._tasks:
+        if not self.inflight:
             return True  # wait_for(..., 0) would time out even on a set event
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
