@@ -154,6 +154,7 @@ class HttpListener(Listener):
         self._grace = LAST_REQUEST_GRACE
         self._clock: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._tick()
         super().__init__(name, sock, log, accepting)
 
@@ -164,7 +165,7 @@ class HttpListener(Listener):
     def _set_reading(self, on: bool) -> None:
         if on and not self._reading:
             self._reading = True
-            self._loop.create_task(self._open())
+            self._opening = self._loop.create_task(self._open())  # held until it ran
         elif not on and self._reading:
             self._reading = False
             if self._server is not None:
