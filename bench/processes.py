@@ -18,6 +18,16 @@ from pathlib import Path
 STOP_WAIT = 30.0
 
 
+#: The config.toml of a benchmark's supervisor: the demo's, run_dir inside the work directory.
+SUPERVISOR_CONFIG = """\
+[supervisor]
+bundles_dir = "bundles"
+run_dir = ".hotsup"
+watch_quiet_ms = 30
+watch_batch_ms = 1600
+log_level = "info"
+"""
+
 @dataclass(frozen=True)
 class ProcStat:
     pid: int

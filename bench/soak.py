@@ -47,6 +47,7 @@ from typing import Any
 
 from clients import Load, ask, free_port, wait_serving
 from processes import (
+    SUPERVISOR_CONFIG,
     all_processes,
     cmdline,
     kill_session,
@@ -64,15 +65,6 @@ SWAP_DEADLINE = 15.0
 SETTLE_DEADLINE = 15.0
 EXIT_DEADLINE = 10.0
 FLAT = 0.05
-
-CONFIG = """\
-[supervisor]
-bundles_dir = "bundles"
-run_dir = ".hotsup"
-watch_quiet_ms = 30
-watch_batch_ms = 1600
-log_level = "info"
-"""
 
 
 @dataclass(frozen=True)
@@ -147,7 +139,7 @@ def copy_demo(work: Path) -> tuple[Path, int]:
         raise RuntimeError(f"{DEMO / 'bundle.toml'}: expected one 'bind = ...' line, "
                            f"found {found}")
     manifest.write_text(text)
-    (work / "config.toml").write_text(CONFIG)
+    (work / "config.toml").write_text(SUPERVISOR_CONFIG)
     return bundle / "counter.py", port
 
 

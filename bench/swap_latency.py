@@ -43,20 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from clients import HOST, Load, free_port, wait_serving
-from processes import notable_log_lines, stop_process
+from processes import SUPERVISOR_CONFIG, notable_log_lines, stop_process
 
 SWAP_DEADLINE = 10.0
 TARGETS = {"p50_ms": 60, "p99_ms": 150}
 REPLY = re.compile(rb"count=(?P<count>\d+) tag=(?P<mark>\S+)")
-
-CONFIG = """\
-[supervisor]
-bundles_dir = "bundles"
-run_dir = ".hotsup"
-watch_quiet_ms = 30
-watch_batch_ms = 1600
-log_level = "info"
-"""
 
 BUNDLE_TOML = """\
 entry = "counter:Counter"
@@ -218,7 +209,7 @@ def run_hotsup(work: Path, swaps: int, clients: int) -> dict[str, Any]:
     port = free_port()
     bundle = work / "bundles" / "counter"
     bundle.mkdir(parents=True)
-    write_text(work / "config.toml", CONFIG)
+    write_text(work / "config.toml", SUPERVISOR_CONFIG)
     write_text(bundle / "bundle.toml", BUNDLE_TOML.format(host=HOST, port=port))
     module = bundle / "counter.py"
     write_text(module, BUNDLE_MODULE.format(tag="v0"))

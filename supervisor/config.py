@@ -129,11 +129,6 @@ class Config:
             found[name] = source
         return found
 
-    def source_for(self, name: str, path: Path) -> BundleSource:
-        """The source of a drop-in bundle, with config.toml's overrides if any."""
-        declared = self.declared.get(name)
-        return declared if declared is not None else BundleSource(name, path)
-
 
 def discover(bundles_dir: Path) -> list[str]:
     """Names of the bundle directories (those with a bundle.toml) in bundles_dir."""

@@ -39,7 +39,7 @@ from .control import MAX_WAIT, ControlError, ControlServer, Request
 from .logs import RING, LogSink, SinkHandler
 from .process import WorkerProcess
 from .sockets import SocketRegistry
-from .swap import BundleRunner, BundleState, Services, Spawner
+from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
 from .watcher import Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
 
@@ -248,10 +248,8 @@ class Supervisor:
     async def _on_run(self, command: Run) -> None:
         runner = self._runner(command.name)
         if not runner.stopped and runner.state is not BundleState.FAILED:
-            command.reply.set_result({
-                "name": runner.name, "result": "unchanged", "ok": True,
-                "message": f"already {runner.state.value}", "duration_ms": 0.0,
-                "generation": runner.current.number if runner.current else None})
+            already = Outcome(Result.UNCHANGED, f"already {runner.state.value}")
+            command.reply.set_result(runner.report(already, 0.0))
             return
         _reply_when_done([runner.run_again()], command.reply, lambda reports: reports[0])
 

@@ -321,12 +321,16 @@ class BundleRunner:
             return Outcome(Result.UNCHANGED, "nothing asked")
         return await self._advance(force)
 
+    def report(self, outcome: Outcome, duration_ms: float) -> dict[str, Any]:
+        """What ``hotsup reload/stop/run`` print for ``outcome`` (control.py's "report")."""
+        return {"name": self.name, "result": outcome.result.value, "ok": outcome.ok,
+                "message": outcome.message,
+                "generation": self.current.number if self.current else None,
+                "duration_ms": _round(duration_ms)}
+
     def _answer(self, waiters: list[asyncio.Future[dict[str, Any]]], outcome: Outcome,
                 started: float) -> None:
-        report = {"name": self.name, "result": outcome.result.value, "ok": outcome.ok,
-                  "message": outcome.message,
-                  "generation": self.current.number if self.current else None,
-                  "duration_ms": _round((time.monotonic() - started) * 1000)}
+        report = self.report(outcome, (time.monotonic() - started) * 1000)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(report)

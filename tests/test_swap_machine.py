@@ -143,6 +143,13 @@ class World:
         self.runner.request()
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    """A checkpoint store in tmp_path/run, as the supervisor makes one."""
+    (tmp_path / "run").mkdir()
+    return CheckpointStore(tmp_path / "run")
+
+
 async def until(condition: Callable[[], object], what: str = "") -> None:
     """Let the runner's task run until ``condition`` holds (a deadline, not a sleep)."""
     loop = asyncio.get_running_loop()
@@ -538,9 +545,8 @@ def test_a_generation_that_does_not_answer_pings_is_killed_and_restarted(
     run(test, tmp_path, "ping_interval = 0.05\nping_timeout = 0.1\n")
 
 
-def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    store = CheckpointStore(tmp_path / "run")
+def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(
+        tmp_path: Path, store: CheckpointStore) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -556,9 +562,7 @@ def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(tmp_path: Pat
 
 
 def test_a_checkpoint_the_code_cannot_restore_says_how_to_start_without_it(
-        tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    store = CheckpointStore(tmp_path / "run")
+        tmp_path: Path, store: CheckpointStore) -> None:
     store.save("b", 7, b"old state")
 
     async def test(world: World) -> None:
@@ -621,9 +625,8 @@ def test_stop_right_after_a_failed_resume(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
-def test_a_shut_down_during_a_hand_over_keeps_the_paused_state(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    store = CheckpointStore(tmp_path / "run")
+def test_a_shut_down_during_a_hand_over_keeps_the_paused_state(
+        tmp_path: Path, store: CheckpointStore) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -635,9 +638,7 @@ def test_a_shut_down_during_a_hand_over_keeps_the_paused_state(tmp_path: Path) -
 
 
 def test_the_shut_down_checkpoint_is_taken_even_with_a_connection_open(
-        tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    store = CheckpointStore(tmp_path / "run")
+        tmp_path: Path, store: CheckpointStore) -> None:
 
     async def test(world: World) -> None:
         world.scripts[1] = Script(busy=1)
@@ -665,9 +666,8 @@ def test_after_a_fall_back_its_own_state_is_the_newest(tmp_path: Path) -> None:
     run(test, tmp_path, "probation = 30\ncheckpoint_interval = 0.05\n")
 
 
-def test_deleting_the_checkpoint_the_hint_names_lets_run_start_fresh(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
-    store = CheckpointStore(tmp_path / "run")
+def test_deleting_the_checkpoint_the_hint_names_lets_run_start_fresh(
+        tmp_path: Path, store: CheckpointStore) -> None:
     store.save("b", 7, b"old state")
 
     async def test(world: World) -> None:
