@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .commands import WIRE
 from .config import ConfigError, check, load_config, preload_conflicts, run_dir_of
 from .control import ControlClient, ControlError, Unreachable
 from .logs import LogRecord
@@ -208,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("config", nargs="?", default="config.toml")
     checker.set_defaults(func=_check)
 
-    def remote(name: str, help: str, func: Callable[[argparse.Namespace], int],
+    def remote(name: str, func: Callable[[argparse.Namespace], int],
                timeout: float | None = None) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=WIRE[name].help())
         sub.add_argument("-c", "--config", metavar="FILE",
                          help="the supervisor's config.toml (default: $HOTSUP_RUN_DIR, "
                               "else ./config.toml)")
@@ -220,25 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    status = remote("status", "show every bundle", _status)
+    status = remote("status", _status)
     status.add_argument("--json", action="store_true", help="one JSON object")
-    reload = remote("reload", "swap a bundle now; report the outcome", _reload, 120.0)
+    reload = remote("reload", _reload, 120.0)
     reload.add_argument("name", nargs="?")
     reload.add_argument("--all", action="store_true", help="every bundle")
     reload.add_argument("--json", action="store_true", help="one JSON object per bundle")
-    for name, func, help in (("stop", _stop, "take a bundle down"),
-                             ("run", _run, "bring a stopped or failed bundle back")):
-        sub = remote(name, help, func, 120.0)
+    for name, func in (("stop", _stop), ("run", _run)):
+        sub = remote(name, func, 120.0)
         sub.add_argument("name")
         sub.add_argument("--json", action="store_true", help="one JSON object")
-    logs = remote("logs", "show the newest log records", _logs)
+    logs = remote("logs", _logs)
     logs.add_argument("name", nargs="?", help="one bundle's records (and the supervisor's "
                                               "about it); default: everything")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N",
                       help="how many records to show first (default 50)")
     logs.add_argument("--json", action="store_true", help="one JSON object per record")
-    remote("shutdown", "drain every bundle and stop the supervisor", _shutdown, 120.0)
+    remote("shutdown", _shutdown, 120.0)
     return parser
 
 

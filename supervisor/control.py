@@ -18,7 +18,8 @@ A reply is one frame, echoing the request's id (null if it had none)::
     {"v": 1, "id": "...", "ok": true, "result": {...}}
     {"v": 1, "id": "...", "ok": false, "error": "<one line for a person>"}
 
-Commands (``args`` -> ``result``); unknown args are errors:
+Commands (``args`` -> ``result``); each one's arguments are checked against its
+``ARGS`` in ``commands``, and unknown args are errors:
 
 * ``status`` {} -> ``{"supervisor": {"pid", "config", "uptime", "log_dropped"},
   "bundles": [...]}``, one object per bundle with the fields of DESIGN.md
@@ -60,29 +61,19 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
+from .commands import WIRE
+
 log = logging.getLogger("hotsup")
 
 VERSION: Final = 1
 #: The largest request the supervisor accepts (bytes).
 MAX_REQUEST: Final = 64 * 1024
-#: The longest a ``logs`` request may wait for a new record (seconds).
-MAX_WAIT: Final = 5.0
 #: Requests answered at once; more are refused until some are done.
 MAX_INFLIGHT: Final = 64
 #: The name of the control socket inside run_dir.
 SOCKET_NAME: Final = "control"
 
 _NONE = type(None)
-#: Each command's arguments: name -> (accepted types, required).
-COMMANDS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
-    "status": {},
-    "reload": {"name": ((str, _NONE), False)},
-    "stop": {"name": ((str,), True)},
-    "run": {"name": ((str,), True)},
-    "logs": {"name": ((str, _NONE), False), "after": ((int,), False),
-             "limit": ((int,), False), "wait": ((int, float), False)},
-    "shutdown": {},
-}
 
 
 class ControlError(Exception):
@@ -103,6 +94,8 @@ class Unreachable(Exception):
 
 @dataclass(frozen=True)
 class Request:
+    """A valid request: ``cmd`` is one of ``commands.WIRE``, ``args`` fit its ``ARGS``."""
+
     cmd: str
     args: dict[str, Any]
 
@@ -126,12 +119,13 @@ def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
     if not isinstance(request_id, str | int | _NONE) or isinstance(request_id, bool):
         request_id = None
     try:
-        if body.get("v") != VERSION:
+        version = body.get("v")
+        if type(version) is not int or version != VERSION:  # not True, not 1.0
             raise ControlError(f"unsupported protocol version {body.get('v')!r} (this "
                                f"supervisor speaks {VERSION})")
         cmd, args = body.get("cmd"), body.get("args", {})
-        if not isinstance(cmd, str) or cmd not in COMMANDS:
-            raise ControlError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
+        if not isinstance(cmd, str) or cmd not in WIRE:
+            raise ControlError(f"unknown command {cmd!r} (known: {', '.join(WIRE)})")
         if not isinstance(args, dict):
             raise ControlError("args must be a JSON object")
         _check_args(cmd, args)
@@ -141,19 +135,18 @@ def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
 
 
 def _check_args(cmd: str, args: dict[str, Any]) -> None:
-    accepted = COMMANDS[cmd]
+    accepted = WIRE[cmd].ARGS
     for name in args:
         if name not in accepted:
             raise ControlError(f"{cmd}: unknown argument {name!r}")
-    for name, (types, required) in accepted.items():
+    for name, arg in accepted.items():
         if name not in args:
-            if required:
+            if arg.required:
                 raise ControlError(f"{cmd}: argument {name!r} is required")
             continue
         value = args[name]
-        if isinstance(value, bool) or not isinstance(value, types):
-            wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types)
-            raise ControlError(f"{cmd}: argument {name!r} must be {wanted}")
+        if isinstance(value, bool) or not isinstance(value, arg.types):
+            raise ControlError(f"{cmd}: argument {name!r} must be {arg.describe()}")
         if isinstance(value, int | float) and not -2**53 <= value <= 2**53:
             raise ControlError(f"{cmd}: argument {name!r} is out of range")
 

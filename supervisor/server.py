@@ -1,10 +1,11 @@
 """The running supervisor: start-up, the command loop, shut-down.
 
 Signals, file changes and control requests (``hotsup reload`` and the rest,
-see ``control``) all become the same command objects on one queue, handled by
-one dispatcher through an explicit table. Signal handlers and the control
-endpoint only enqueue; a command that someone waits for carries a ``reply``
-future, resolved when the work is done (a reload: when its swap finished).
+see ``control``) all become the same command objects (``commands``) on one
+queue, handled by one dispatcher through an explicit table. Signal handlers and
+the control endpoint only enqueue; a command that someone waits for carries a
+``reply`` future, resolved when the work is done (a reload: when its swap
+finished).
 
 Start-up builds every resource in order on an ``AsyncExitStack``, so shut-down
 undoes them in reverse: stop watching, retire every bundle (drain), stop the
@@ -24,7 +25,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 from .channel import WorkerChannel
 from .checkpoint import CheckpointError, CheckpointStore
+from .commands import WIRE, Command, FilesChanged, Logs, Reload, Reply, Run, Shutdown, Status, Stop
 from .config import BundleSource, Config, misnamed
-from .control import MAX_WAIT, ControlError, ControlServer, Request
-from .logs import RING, LogSink, SinkHandler
+from .control import ControlError, ControlServer, Request
+from .logs import LogSink, SinkHandler
 from .process import WorkerProcess
 from .sockets import SocketRegistry
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
@@ -44,65 +46,6 @@ from .watcher import Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
-
-
-# -- commands -----------------------------------------------------------------------
-
-Reply = asyncio.Future[Any]
-
-
-@dataclass(frozen=True)
-class Reload:
-    """Swap a bundle (or all, when ``name`` is None) even if its files did not change."""
-
-    name: str | None = None
-    reply: Reply | None = None
-
-
-@dataclass(frozen=True)
-class FilesChanged:
-    paths: frozenset[Path]
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    reason: str
-    reply: Reply | None = None
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Take a bundle down until ``Run``."""
-
-    name: str
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class Run:
-    """Bring a stopped or failed bundle back."""
-
-    name: str
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class Status:
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class Logs:
-    """Records numbered above ``after``, waiting up to ``wait`` s for one."""
-
-    name: str | None
-    after: int
-    limit: int
-    wait: float
-    reply: Reply
-
-
-Command = Reload | FilesChanged | Shutdown | Stop | Run | Status | Logs
 
 
 class StartupError(Exception):
@@ -128,7 +71,8 @@ class Supervisor:
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
         self._preload_digest = ""
         self._replacing = False  # a new zygote is being started
-        self._dispatch: dict[type[Any], Callable[[Any], Coroutine[Any, Any, None]]] = {
+        # Every command's handler; a test checks each wire command has one.
+        self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
             Shutdown: self._on_shutdown,
@@ -212,18 +156,7 @@ class Supervisor:
                 raise ControlError("the supervisor is shutting down")
             reply.set_result({"pid": os.getpid()})  # it is: the caller waits for the exit
             return reply
-        args = request.args
-        make: dict[str, Callable[[], Command]] = {
-            "status": lambda: Status(reply),
-            "reload": lambda: Reload(args.get("name"), reply),
-            "stop": lambda: Stop(args["name"], reply),
-            "run": lambda: Run(args["name"], reply),
-            "logs": lambda: Logs(args.get("name"), args.get("after", 0),
-                                 args.get("limit", RING), min(float(args.get("wait", 0)),
-                                                              MAX_WAIT), reply),
-            "shutdown": lambda: Shutdown("hotsup shutdown", reply),
-        }
-        self.commands.put_nowait(make[request.cmd]())
+        self.commands.put_nowait(WIRE[request.cmd].from_request(request.args, reply))
         return reply
 
     # -- command handlers ---------------------------------------------------------
@@ -249,11 +182,14 @@ class Supervisor:
         runner = self._runner(command.name)
         if not runner.stopped and runner.state is not BundleState.FAILED:
             already = Outcome(Result.UNCHANGED, f"already {runner.state.value}")
-            command.reply.set_result(runner.report(already, 0.0))
+            if command.reply is not None:
+                command.reply.set_result(runner.report(already, 0.0))
             return
         _reply_when_done([runner.run_again()], command.reply, lambda reports: reports[0])
 
     async def _on_status(self, command: Status) -> None:
+        if command.reply is None:
+            return
         command.reply.set_result({
             "supervisor": {"pid": os.getpid(), "config": str(self.config.path),
                            "uptime": round(time.monotonic() - self._started, 1),
@@ -262,6 +198,9 @@ class Supervisor:
         })
 
     async def _on_logs(self, command: Logs) -> None:
+        reply = command.reply
+        if reply is None:
+            return
         if command.name is not None and command.name not in self.runners \
                 and not self.sink.after(0, command.name, 1):
             raise ControlError(f"no bundle named {command.name!r}")
@@ -277,8 +216,8 @@ class Supervisor:
                 _refuse(command, ControlError("the supervisor is shutting down"))
                 raise
             records = self.sink.after(command.after, command.name, command.limit)
-            if not command.reply.done():
-                command.reply.set_result({"records": [asdict(r) for r in records],
+            if not reply.done():
+                reply.set_result({"records": [asdict(r) for r in records],
                                           "last": self.sink.last_seq()})
 
         # A follower's long poll waits outside the command loop.
