@@ -43,7 +43,9 @@ from harness import (
     write_bundle,
 )
 from hotsup.supervisor.checkpoint import CheckpointStore
-from hotsup.supervisor.swap import STOP_GRACE
+from hotsup.supervisor.swap import Timings
+
+STOP_GRACE = Timings().grace
 
 pytestmark = pytest.mark.timeout(120)
 
