@@ -300,15 +300,15 @@ class BundleRunner:
                 await gen.discard("shutting down")
                 self._forget(gen)
             # RETIRING: its retire task, awaited below, finishes it
-        while self._retiring:
+        while True:  # every retirement recorded, every waiter answered
             await asyncio.gather(*self._retiring, return_exceptions=True)
             for event in self._mailbox.drain():
                 if isinstance(event, Retired):
                     await self._on_retired(event)
                 else:
                     self._answer(event.waiters, _CLOSING, time.monotonic())
-        for event in self._mailbox.drain():
-            self._answer(event.waiters, _CLOSING, time.monotonic())
+            if not self._retiring:
+                break
         self.svc.sockets.release_unused(self, [])
 
     # -- the loop --------------------------------------------------------------------
