@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .config import BundleSource
     from .generation import Generation
 
 Waiter = asyncio.Future[dict[str, Any]]
@@ -65,6 +66,14 @@ class RunAsked(Event):
     @property
     def waiters(self) -> tuple[Waiter, ...]:
         return (self.asked,)
+
+
+@dataclass(frozen=True)
+class Renamed(Event):
+    """The bundle's directory was renamed (same content, a new name): the
+    runner carries on under the new name, and swaps to the code there."""
+
+    source: BundleSource
 
 
 @dataclass(frozen=True)

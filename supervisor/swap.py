@@ -59,6 +59,7 @@ from .mailbox import (
     PingDone,
     PingDue,
     ProbationOver,
+    Renamed,
     RestartDue,
     Retired,
     RetryDue,
@@ -189,6 +190,7 @@ class BundleRunner:
             Pass: self._on_pass,
             StopAsked: self._on_stop,
             RunAsked: self._on_run,
+            Renamed: self._on_renamed,
             Exited: self._on_exited,
             RestartDue: self._on_restart_due,
             RetryDue: self._on_retry_due,
@@ -229,6 +231,16 @@ class BundleRunner:
         waiter = self._waiter()
         self._mailbox.put(RunAsked(waiter))
         return waiter
+
+    def rename(self, source: BundleSource) -> None:
+        """Carry on as ``source`` (its directory was renamed): generation, state
+        and sockets carry over; the code there is swapped in."""
+        self._mailbox.put(Renamed(source))
+
+    @property
+    def content(self) -> str | None:
+        """The digest of the content last tried (a renamed directory keeps it)."""
+        return self._tried
 
     @property
     def stopped(self) -> bool:
@@ -376,6 +388,24 @@ class BundleRunner:
         self._down = False
         self._tried = None
         self._passes += 1
+        return await self._advance(force=True, restarting=False)
+
+    async def _on_renamed(self, event: Renamed) -> Outcome | None:
+        old, self.source, self.name = self.name, event.source, event.source.name
+        self.log = logging.LoggerAdapter(log, {"bundle": self.name})
+        self.log.info("%s: renamed from %s; its generation, state and sockets carry over",
+                      self.name, old)
+        store = self.svc.checkpoints
+        if store is not None:  # its state is on disk under the new name, never the old
+            if self._kept is not None:
+                await self._write(self._kept)
+            try:
+                await asyncio.to_thread(store.discard, old)
+            except CheckpointError as exc:
+                self.log.error("%s: %s (remove it by hand: a bundle named %s would resume "
+                               "from it)", self.name, exc, old)
+        if self._down:
+            return None
         return await self._advance(force=True, restarting=False)
 
     async def _on_exited(self, event: Exited) -> Outcome | None:
@@ -711,15 +741,19 @@ class BundleRunner:
     async def _keep(self, data: bytes, gen: Generation) -> None:
         """The newest state, in memory and (atomically) on disk."""
         self._kept = Kept(gen.number, data)
+        await self._write(self._kept)
+
+    async def _write(self, kept: Kept) -> None:
         store = self.svc.checkpoints
         if store is None:
             return
+        tag = f"{self.name}@{kept.generation}"
         try:
-            saved = await asyncio.to_thread(store.save, self.name, gen.number, data)
+            saved = await asyncio.to_thread(store.save, self.name, kept.generation, kept.data)
         except CheckpointError as exc:  # kept in memory: a crash restart still has it
-            self.log.error("%s: checkpoint not written: %s", gen.tag, exc)
+            self.log.error("%s: checkpoint not written: %s", tag, exc)
             return
-        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", gen.tag, saved.size,
+        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, saved.size,
                        saved.duration * 1000)
 
     async def _read_checkpoint(self) -> Kept | None:

@@ -130,25 +130,23 @@ def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHot
     assert sup.stop() == 0
 
 
-def test_a_renamed_bundle_takes_over_its_port_while_the_old_one_drains(
-    hotsup: MakeHotsup,
-) -> None:
+def test_a_renamed_bundle_carries_its_state_and_port_over(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     port = free_port()
     write_bundle(sup.bundles / "old", counter_source("v0"), port)
     sup.start_serving("old")
-    with idle_client(port):  # old@1 must drain this one
-        with Load(port, clients=2) as load:
-            load.wait_reply(lambda r: True)
-            os.rename(sup.bundles / "old", sup.bundles / "new")
-            sup.wait_log(rf"new: takes over 127\.0\.0\.1:{port} from old")
-            sup.wait_log(r"new@1: serving")
-            served = time.monotonic()
-            load.wait_reply(lambda r: r.generation == 1, after=served)
-            assert "old@1: retired" not in sup.log(), "the old one is still draining"
-        assert not load.failures, load.failures[:3]
-    sup.wait_log(r"old@1: retired")
-    assert request(port).endswith("tag=v0")
+    with Load(port, clients=2) as load:
+        before = load.wait_reply(lambda r: r.count > 5)
+        os.rename(sup.bundles / "old", sup.bundles / "new")
+        sup.wait_log(r"new: renamed from old; its generation, state and sockets carry over")
+        sup.wait_log(r"new@2: swapped from old@1")
+        served = time.monotonic()
+        after = load.wait_reply(lambda r: r.generation == 2, after=served)
+        assert after.count > before.count, "the count goes on: the state came along"
+    assert not load.failures, load.failures[:3]
+    load.assert_consistent()
+    status = sup.status()
+    assert list(status) == ["new"] and status["new"]["generation"] == 2
     assert sup.stop() == 0
 
 

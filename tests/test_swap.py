@@ -124,6 +124,7 @@ def test_sighup_reloads_all_and_keeps_state(hotsup: MakeHotsup) -> None:
     sup, port = start_counter(hotsup)
     assert request(port).startswith("count=1 generation=1")
     sup.signal(signal.SIGHUP)
+    sup.wait_log(r"SIGHUP: reloading every bundle that is not stopped")
     sup.wait_log(r"counter@2: swapped")
     assert request(port).startswith("count=2 generation=2")
     assert sup.stop() == 0
