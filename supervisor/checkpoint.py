@@ -13,6 +13,8 @@ Layout (the directory is created 0700, every file 0600)::
     <run_dir>/checkpoints/
         key                  32 random bytes: this installation's HMAC key
         <bundle>.ckpt        one per bundle, replaced atomically by each save
+        <bundle>.gen         its ledger: the last generation number given and the
+                             last one checkpointed (MAC'd as well)
         .<name>.<hex>.tmp    a write in progress (or left by a crash)
 
 File format (big-endian)::
@@ -39,9 +41,11 @@ It cannot protect against:
 
 - anyone who can read the key: the same Unix user, or root. They can forge a
   checkpoint, but they can also run code as that user directly;
-- a rollback: an older checkpoint of the same bundle, written by this
-  installation, copied back over the newer one, verifies (the generation it
-  carries is reported, not enforced; the store keeps no history to compare);
+- a rollback by the same user: an older checkpoint of the same bundle,
+  written by this installation, copied back over the newer one, verifies.
+  The ledger beside it tells it apart (its generation is below the last one
+  checkpointed) and the supervisor says so, but anyone who can copy the
+  checkpoint can copy an old ledger too;
 - the bundle itself: the bytes are whatever its own ``snapshot()`` pickled; the
   HMAC vouches for where they came from, not for what they do when unpickled;
 - secrecy: payloads are stored in clear, protected only by the file modes.
@@ -75,10 +79,13 @@ VERSION = 1
 KEY_BYTES = 32
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 SUFFIX = ".ckpt"
+LEDGER_SUFFIX = ".gen"
 TEMP_SUFFIX = ".tmp"
 KEY_NAME = "key"
 
 _HEADER = struct.Struct(">8sHHQQd")
+_LEDGER = struct.Struct(">8sQQ")  # magic, last generation given, last checkpointed
+_LEDGER_MAGIC = b"hotsupgn"
 _MAC_BYTES = hashlib.sha256().digest_size
 _MAX_NAME_BYTES = 200  # leaves room for the temp file's decorations within NAME_MAX
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
@@ -177,6 +184,32 @@ class CheckpointStore:
         if data is None:
             return None
         return self._verify(target, bundle, data)
+
+    def record(self, bundle: str, last: int, checkpointed: int) -> None:
+        """Write ``bundle``'s ledger: ``last``, the last generation number given
+        (so numbers go on across supervisor runs), and ``checkpointed``, the
+        generation of its newest checkpoint (so an older one put back is seen)."""
+        target = self.directory / f"{bundle}{LEDGER_SUFFIX}"
+        _check_name(bundle)
+        body = _LEDGER.pack(_LEDGER_MAGIC, last, checkpointed)
+        mac = hmac.new(self._key, bundle.encode() + body, hashlib.sha256).digest()
+        _write_replace(target, (body, mac))
+
+    def numbers(self, bundle: str) -> tuple[int, int]:
+        """``bundle``'s ledger as ``record`` wrote it: (last, checkpointed); (0, 0)
+        if it has none. CheckpointError if it is not whole or not ours."""
+        target = self.directory / f"{bundle}{LEDGER_SUFFIX}"
+        _check_name(bundle)
+        data = self._read(target)
+        if data is None:
+            return 0, 0
+        body, mac = data[:_LEDGER.size], data[_LEDGER.size:]
+        expected = hmac.new(self._key, bundle.encode() + body, hashlib.sha256).digest()
+        if len(body) != _LEDGER.size or not hmac.compare_digest(mac, expected):
+            raise CheckpointError(f"checkpoint ledger {target}: not whole, or not written by "
+                                  f"this installation for {bundle!r}")
+        _, last, checkpointed = _LEDGER.unpack(body)
+        return int(last), int(checkpointed)
 
     def discard(self, bundle: str) -> bool:
         """Remove ``bundle``'s checkpoint; False if it had none."""

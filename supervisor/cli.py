@@ -108,7 +108,10 @@ def _status(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     if (args.name is None) == (not args.all):
         raise UsageError("reload: give a bundle NAME or --all")
-    result = _client(args).request("reload", args.timeout, name=args.name)
+    if args.discard_state and args.name is None:
+        raise UsageError("reload: --discard-state drops a bundle's state: name the bundle")
+    extra = {"discard_state": True} if args.discard_state else {}
+    result = _client(args).request("reload", args.timeout, name=args.name, **extra)
     return _reports(result["bundles"], args.json)
 
 
@@ -129,7 +132,10 @@ def _reports(reports: list[dict[str, Any]], as_json: bool) -> int:
         if report["message"]:
             line += f": {report['message']}"
         print(line, file=sys.stdout if report["ok"] else sys.stderr)
-    return EXIT_OK if all(report["ok"] for report in reports) else EXIT_FAILED
+        for warning in report.get("warnings", []):
+            print(f"{report['name']}: warning: {warning}", file=sys.stderr)
+    # A state that could not be kept (a checkpoint not written) fails the command too.
+    return EXIT_OK if all(r["ok"] and not r.get("warnings") for r in reports) else EXIT_FAILED
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = remote("reload", _reload, 120.0)
     reload.add_argument("name", nargs="?")
     reload.add_argument("--all", action="store_true", help="every bundle")
+    reload.add_argument("--discard-state", action="store_true",
+                        help="swap to the new code without the old generation's state (the "
+                             "way past a snapshot() that fails); the state is lost")
     reload.add_argument("--json", action="store_true", help="one JSON object per bundle")
     for name, func in (("stop", _stop), ("run", _run)):
         sub = remote(name, func, 120.0)

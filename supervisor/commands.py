@@ -77,8 +77,9 @@ class Reload(Command):
     Every bundle when ``name`` is None (SIGHUP too)."""
 
     wire = "reload"
-    ARGS = {"name": Arg((str, _NONE))}
+    ARGS = {"name": Arg((str, _NONE)), "discard_state": Arg((bool,), default=False)}
     name: str | None = None
+    discard_state: bool = False  # swap without the old generation's state
     signal: str = ""  # the signal that asked for it (SIGHUP), for the log
 
 

@@ -145,7 +145,8 @@ def _check_args(cmd: str, args: dict[str, Any]) -> None:
                 raise ControlError(f"{cmd}: argument {name!r} is required")
             continue
         value = args[name]
-        if isinstance(value, bool) or not isinstance(value, arg.types):
+        if (isinstance(value, bool) and bool not in arg.types) \
+                or not isinstance(value, arg.types):
             raise ControlError(f"{cmd}: argument {name!r} must be {arg.describe()}")
         if isinstance(value, int | float) and not -2**53 <= value <= 2**53:
             raise ControlError(f"{cmd}: argument {name!r} is out of range")

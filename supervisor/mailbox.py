@@ -40,6 +40,7 @@ class Pass(Event):
 
     force: bool = False
     asked: tuple[Waiter, ...] = ()
+    discard_state: bool = False  # `hotsup reload NAME --discard-state`
 
     @property
     def waiters(self) -> tuple[Waiter, ...]:
@@ -149,7 +150,8 @@ class Mailbox:
             return first
         self._events = deque(event for event in self._events if not isinstance(event, Pass))
         return Pass(force=first.force or any(p.force for p in others),
-                    asked=first.asked + tuple(w for p in others for w in p.asked))
+                    asked=first.asked + tuple(w for p in others for w in p.asked),
+                    discard_state=first.discard_state or any(p.discard_state for p in others))
 
     def drain(self) -> list[Event]:
         """Every event still waiting (at close)."""

@@ -173,7 +173,10 @@ class Supervisor:
             if targets[0].stopped:
                 raise ControlError(f"{command.name} is stopped; `hotsup run {command.name}` "
                                    f"brings it back")
-        _reply_when_done([runner.reload() for runner in targets], command.reply,
+        if command.discard_state and command.name is None:
+            raise ControlError("--discard-state drops a bundle's state: name the bundle")
+        _reply_when_done([runner.reload(command.discard_state) for runner in targets],
+                         command.reply,
                          lambda reports: {"bundles": reports})
 
     async def _on_stop(self, command: Stop) -> None:

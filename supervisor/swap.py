@@ -170,7 +170,7 @@ class BundleRunner:
         self._kept: Kept | None = None  # the newest state
         self._disk_read = False  # whether the checkpoint on disk was looked for
         self._tried: str | None = None  # the content digest last tried
-        self._passes = 0  # passes handled: none yet means still starting
+        self._passes = 0  # passes done: until the first is, the bundle is starting
         self._down = False  # the operator took it down (`hotsup stop`)
         self._closed = False
         timings = services.timings
@@ -186,6 +186,9 @@ class BundleRunner:
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
         self._pings: set[asyncio.Task[None]] = set()
+        self._checkpointed = 0  # the generation of the newest checkpoint written
+        self._checkpoint: dict[str, Any] | None = None  # what status says of it
+        self._warnings: list[str] = []  # what the event being handled could not keep
         self._handlers: dict[type[Event], Callable[[Any], Coroutine[Any, Any, Outcome | None]]] = {
             Pass: self._on_pass,
             StopAsked: self._on_stop,
@@ -212,10 +215,11 @@ class BundleRunner:
         """Ask for a pass: a swap if the content changed (or always, if ``force``)."""
         self._mailbox.put(Pass(force))
 
-    def reload(self) -> Waiter:
-        """Swap now, even if nothing changed; the future gets the pass's report."""
+    def reload(self, discard_state: bool = False) -> Waiter:
+        """Swap now, even if nothing changed; the future gets the pass's report.
+        ``discard_state``: without the old generation's state (it is lost)."""
         waiter = self._waiter()
-        self._mailbox.put(Pass(True, (waiter,)))
+        self._mailbox.put(Pass(True, (waiter,), discard_state))
         return waiter
 
     def stop(self) -> Waiter:
@@ -260,11 +264,12 @@ class BundleRunner:
         return BundleState.FAILED
 
     def report(self, outcome: Outcome, duration_ms: float) -> dict[str, Any]:
-        """What ``hotsup reload/stop/run`` print for ``outcome`` (control.py's "report")."""
+        """What ``hotsup reload/stop/run`` print for ``outcome`` (control.py's "report").
+        ``warnings``: what the pass could not keep (a checkpoint not written)."""
         return {"name": self.name, "result": outcome.result.value, "ok": outcome.ok,
                 "message": outcome.message,
                 "generation": self.current.number if self.current else None,
-                "duration_ms": _round(duration_ms)}
+                "duration_ms": _round(duration_ms), "warnings": list(self._warnings)}
 
     def status(self) -> dict[str, Any]:
         gen = self.current
@@ -284,6 +289,7 @@ class BundleRunner:
             "log_dropped": gen.process.log_dropped if gen else 0,
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
+            "checkpoint": self._checkpoint,
         }
 
     async def close(self) -> None:
@@ -322,6 +328,12 @@ class BundleRunner:
             if not self._retiring:
                 break
         self.svc.sockets.release_unused(self, [])
+        store = self.svc.checkpoints
+        if store is not None and self._number:  # numbers go on in the next run
+            try:
+                await asyncio.to_thread(store.record, self.name, self._number, self._checkpointed)
+            except CheckpointError as exc:
+                self.log.error("%s: %s", self.name, exc)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -332,12 +344,15 @@ class BundleRunner:
                 event = self._mailbox.merged(event)
             started = time.monotonic()
             outcome: Outcome | None = _CLOSING
+            self._warnings = []
             try:
                 outcome = await self._handlers[type(event)](event)
             except Exception:
                 self.log.exception("%s: internal error in the swap loop", self.name)
                 outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
             finally:  # also when close() cancels the loop: nobody waits for ever
+                if isinstance(event, Pass | RunAsked):
+                    self._passes += 1
                 self._answer(event.waiters, outcome or Outcome(Result.UNCHANGED), started)
 
     def _answer(self, waiters: tuple[Waiter, ...], outcome: Outcome, started: float) -> None:
@@ -351,12 +366,12 @@ class BundleRunner:
     # -- the handlers: each returns how it went (None: nothing to say) ---------------------
 
     async def _on_pass(self, event: Pass) -> Outcome:
-        self._passes += 1
         if self._down:
             return Outcome(Result.STOPPED, f"stopped (`hotsup run {self.name}` brings it back)")
         if self.current is not None and self.current.process.exited.done():
             return await self._recover(self.current)  # its Exited event is still queued
-        return await self._advance(event.force, restarting=False)
+        return await self._advance(event.force, restarting=False,
+                                   discard_state=event.discard_state)
 
     async def _on_stop(self, event: StopAsked) -> Outcome:
         if self._down and not any(gen.state in LIVE for gen in self._gens.values()):
@@ -387,7 +402,6 @@ class BundleRunner:
             return Outcome(Result.UNCHANGED, f"already {self.state.value}")
         self._down = False
         self._tried = None
-        self._passes += 1
         return await self._advance(force=True, restarting=False)
 
     async def _on_renamed(self, event: Renamed) -> Outcome | None:
@@ -483,7 +497,8 @@ class BundleRunner:
 
     # -- the steps ----------------------------------------------------------------------
 
-    async def _advance(self, force: bool, restarting: bool) -> Outcome:
+    async def _advance(self, force: bool, restarting: bool,
+                       discard_state: bool = False) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
         digest = await self.svc.digest(self.source)
@@ -506,13 +521,15 @@ class BundleRunner:
             if restarting and self._serving is not None:
                 return self._crashed(message, self._serving)
             return self._record_error(message, Result.FAILED)
+        if discard_state:
+            await self._drop_state()
         if self.current is None:
             if not self._disk_read:
                 self._disk_read = True
                 kept = await self._read_checkpoint()
                 self._kept = kept or self._kept
             return await self._start(spec, restarting)
-        return await self._swap(spec, started)
+        return await self._swap(spec, started, discard_state)
 
     async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""
@@ -544,7 +561,7 @@ class BundleRunner:
         self.last_error = None  # a start of new content, or `hotsup run`: the old error is past
         return Outcome(Result.STARTED, f"{new.tag} serving")
 
-    async def _swap(self, spec: BundleSpec, started: float) -> Outcome:
+    async def _swap(self, spec: BundleSpec, started: float, discard_state: bool) -> Outcome:
         old = self.current
         assert old is not None
         self._end_probation()  # newer code serves: the one held before it is obsolete
@@ -557,7 +574,7 @@ class BundleRunner:
         snapshot: bytes | None = None
         try:
             await new.load()
-            if old.hands_over_to(new):
+            if old.hands_over_to(new) and not discard_state:
                 paused_at = time.monotonic()
                 snapshot = await old.pause()
                 await new.begin(snapshot)
@@ -575,6 +592,9 @@ class BundleRunner:
                 raise  # a bug: the loop logs it; the old generation is serving again
             if resumed:
                 again = self._retry_later() if exc.transient else ""
+                if paused_at is not None and snapshot is None and not exc.transient:
+                    again = (f" (`hotsup reload {self.name} --discard-state` swaps to the new "
+                             f"code without the state)")
                 return self._record_error(f"swap to {new.tag} rolled back, {old.tag} keeps "
                                           f"serving: {exc}{again}", Result.ROLLED_BACK)
             return self._record_error(f"swap to {new.tag} rolled back: {exc}; {old.tag} could "
@@ -587,7 +607,8 @@ class BundleRunner:
         self.last_swap_at = time.time()
         self.last_swap_ms = (ready_at - started) * 1000
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
-        mode = "hand-over" if paused_at is not None else "overlap"
+        mode = "hand-over" if paused_at is not None else \
+            "without state" if discard_state else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
                       self.last_swap_ms, mode, self.last_pause_ms)
         await self._hold(old, new.spec.timing.probation)
@@ -744,34 +765,76 @@ class BundleRunner:
         await self._write(self._kept)
 
     async def _write(self, kept: Kept) -> None:
+        """``kept`` to disk, and the ledger beside it; a failure is logged, shown in
+        status and in the report of the event being handled."""
         store = self.svc.checkpoints
         if store is None:
             return
         tag = f"{self.name}@{kept.generation}"
+
+        def save() -> float:
+            saved = store.save(self.name, kept.generation, kept.data)
+            store.record(self.name, self._number, kept.generation)
+            return saved.duration
+
         try:
-            saved = await asyncio.to_thread(store.save, self.name, kept.generation, kept.data)
+            duration = await asyncio.to_thread(save)
         except CheckpointError as exc:  # kept in memory: a crash restart still has it
-            self.log.error("%s: checkpoint not written: %s", tag, exc)
+            error = f"checkpoint not written: {exc}"
+            self.log.error("%s: %s", tag, error)
+            self._warnings.append(error)
+            self._checkpoint = {**(self._checkpoint or {}), "error": error}
             return
-        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, saved.size,
-                       saved.duration * 1000)
+        self._checkpointed = kept.generation
+        self._checkpoint = {"generation": kept.generation, "bytes": len(kept.data),
+                            "at": time.time(), "error": None}
+        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, len(kept.data),
+                       duration * 1000)
+
+    async def _drop_state(self) -> None:
+        """``--discard-state``: forget the state, in memory and on disk."""
+        self.log.warning("%s: swapping without state (--discard-state): the state of %s is "
+                         "dropped", self.name, self.current.tag if self.current else "it")
+        self._kept = None
+        store = self.svc.checkpoints
+        if store is not None:
+            try:
+                await asyncio.to_thread(store.discard, self.name)
+            except CheckpointError as exc:
+                self._warnings.append(str(exc))
+                self.log.error("%s: %s", self.name, exc)
 
     async def _read_checkpoint(self) -> Kept | None:
-        """The state a previous supervisor left on disk, if it is sound."""
+        """The state a previous supervisor left on disk, if it is sound; the
+        generation numbers go on from where it left them."""
         store = self.svc.checkpoints
         if store is None:
             return None
         try:
+            last, checkpointed = await asyncio.to_thread(store.numbers, self.name)
+        except CheckpointError as exc:
+            self.log.error("%s: %s; generation numbers start again", self.name, exc)
+            last, checkpointed = 0, 0
+        try:
             found = await asyncio.to_thread(store.load, self.name)
         except CheckpointError as exc:
             self.log.error("%s: %s; starting without it", self.name, exc)
-            return None
+            found = None
+        self._number = max(self._number, last, found.generation if found else 0)
+        self._checkpointed = checkpointed
         if found is None:
             return None
-        self.log.info("%s: resuming from the checkpoint of generation %d (%d bytes, %s)",
-                      self.name, found.generation, found.size,
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created)))
-        return Kept(0, found.payload)  # older than any generation of this run
+        older = ""
+        if found.generation < checkpointed:
+            older = (f"; older than the newest checkpoint this installation wrote (generation "
+                     f"{checkpointed}): a copy put back?")
+        log_at = self.log.warning if older else self.log.info
+        log_at("%s: resuming from the checkpoint of generation %d (%d bytes, %s)%s",
+               self.name, found.generation, found.size,
+               time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created)), older)
+        self._checkpoint = {"generation": found.generation, "bytes": found.size,
+                            "at": found.created, "error": None}
+        return Kept(found.generation, found.payload)
 
     # -- helpers --------------------------------------------------------------------------
 

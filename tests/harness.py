@@ -107,7 +107,8 @@ def session_pids(sid: int) -> list[int]:
 # -- bundles --------------------------------------------------------------------
 
 def counter_source(tag: str, *, start: str = "pass", restore: str = "pass",
-                   init: str = "pass", tail: str = "", hooks: bool = True) -> str:
+                   init: str = "pass", tail: str = "", hooks: bool = True,
+                   snapshot: str = "pass") -> str:
     """A counter bundle module; the one-line fragments inject faults into its hooks."""
     lines = [
         "import asyncio",
@@ -125,6 +126,7 @@ def counter_source(tag: str, *, start: str = "pass", restore: str = "pass",
     if hooks:
         lines += [
             "    def snapshot(self):",
+            f"        {snapshot}",
             '        return {"count": self.count}',
             "",
             "    def restore(self, state):",

@@ -103,6 +103,23 @@ def test_reload_reports_the_swap_and_a_rollback(hotsup: MakeHotsup) -> None:
     assert text.returncode == 1 and "rolled back" in text.stderr, text.stderr
 
 
+def test_a_failing_snapshot_names_the_way_out_and_discard_state_takes_it(
+        hotsup: MakeHotsup) -> None:
+    sup, port = start_counter(hotsup)
+    assert request(port, "incr").startswith("count=1 ")
+    edit(sup, "v0", snapshot="raise RuntimeError('snapshot exploded')")
+    sup.wait_log(r"counter@2: swapped")  # the old code's snapshot() still works
+    edit(sup, "v1")  # now counter@2's snapshot() is the broken one
+    line = sup.wait_log(r"rolled back, counter@2 keeps serving: .*")
+    assert "`hotsup reload counter --discard-state` swaps to the new code" in line, line
+    assert sup.cli("reload", "--all", "--discard-state").returncode == 2, "only by name"
+    done = sup.cli("reload", "counter", "--discard-state")
+    assert done.returncode == 0, done.stderr
+    assert "without state" in done.stdout, done.stdout
+    sup.wait_log(r"WARNING.*swapping without state \(--discard-state\)")
+    assert request(port, "get").startswith("count=0 generation=4 tag=v1"), "fresh state"
+
+
 def test_reload_all_and_usage_errors(hotsup: MakeHotsup) -> None:
     sup, _ = start_counter(hotsup)
     write_bundle(sup.bundles / "other", counter_source("o"), free_port())

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from hotsup.supervisor import generation
-from hotsup.supervisor.checkpoint import CheckpointStore
+from hotsup.supervisor.checkpoint import CheckpointError, CheckpointStore
 from hotsup.supervisor.config import BundleSource, BundleSpec, load_config
 from hotsup.supervisor.generation import GenState, IllegalMove
 from hotsup.supervisor.process import WorkerError
@@ -575,9 +575,10 @@ def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(
     assert saved is not None and saved.payload == b"state of 1"
 
     async def again(world: World) -> None:
-        await until(serving(world, 1))
-        assert world.workers[1].restored == b"state of 1"
+        await until(serving(world, 2), "numbers go on from the last run's")
+        assert world.workers[2].restored == b"state of 1"
     run(again, tmp_path / "second", "", store)
+    assert store.numbers("b") == (2, 2)
 
 
 def test_a_checkpoint_the_code_cannot_restore_says_how_to_start_without_it(
@@ -585,9 +586,9 @@ def test_a_checkpoint_the_code_cannot_restore_says_how_to_start_without_it(
     store.save("b", 7, b"old state")
 
     async def test(world: World) -> None:
-        world.scripts[1] = Script(fail={"start": "ValueError: unknown field"})
+        world.scripts[8] = Script(fail={"start": "ValueError: unknown field"})
         await until(lambda: world.runner.state is BundleState.FAILED, "the start failed")
-        assert world.workers[1].calls == ["start"]
+        assert world.workers[8].calls == ["start"], "numbers go on from the checkpoint's"
         assert str(world.runner.last_error).endswith(
             f"(if the saved state does not suit this code, fix restore() or delete "
             f"{store.path('b')} to start without it)")
@@ -689,11 +690,11 @@ def test_deleting_the_checkpoint_the_hint_names_lets_run_start_fresh(
     store.save("b", 7, b"old state")
 
     async def test(world: World) -> None:
-        world.scripts[1] = Script(fail={"start": "ValueError: unknown field"})
+        world.scripts[8] = Script(fail={"start": "ValueError: unknown field"})
         await until(lambda: world.runner.state is BundleState.FAILED, "the start failed")
         store.discard("b")  # as the hint says
         report = await world.runner.run_again()
-        assert report["result"] == "started" and world.workers[2].restored is None
+        assert report["result"] == "started" and world.workers[9].restored is None
     run(test, tmp_path, "", store)
 
 
@@ -765,3 +766,46 @@ def test_a_generation_that_dies_on_probation_is_reaped_and_the_new_one_serves_on
         assert world.runner.current is not None and world.runner.current.number == 2
         assert not world.runner._timers.armed("probation")
     run(test, tmp_path, "probation = 30\n")
+
+
+# -- state that could not be kept is said -----------------------------------------------
+
+class _FullDisk(CheckpointStore):
+    """A store whose writes fail as on a full disk."""
+
+    def save(self, bundle: str, generation: int, payload: bytes) -> Any:
+        raise CheckpointError(f"checkpoint {self.path(bundle)}: cannot write: No space "
+                                   f"left on device (ENOSPC); the previous checkpoint is kept")
+
+
+def test_a_checkpoint_that_cannot_be_written_shows_in_status_and_the_report(
+        tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    store = _FullDisk(tmp_path / "run")
+
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.content = "v2"
+        report = await world.runner.reload()
+        assert report["result"] == "swapped"
+        assert report["warnings"] and "No space left on device" in report["warnings"][0]
+        status = world.runner.status()
+        assert "No space left on device" in status["checkpoint"]["error"]
+    run(test, tmp_path, "", store)
+
+
+def test_discard_state_swaps_without_it_and_forgets_it(tmp_path: Path,
+                                                       store: CheckpointStore) -> None:
+    async def test(world: World) -> None:
+        world.scripts[1] = Script(fail={"pause": "SnapshotError: cannot pickle a socket"})
+        await until(serving(world, 1))
+        world.content = "v2"
+        refused = await world.runner.reload()
+        assert refused["result"] == "rolled back"
+        assert "`hotsup reload b --discard-state` swaps to the new code" in refused["message"]
+        swapped = await world.runner.reload(discard_state=True)
+        assert swapped["result"] == "swapped" and "without state" in swapped["message"]
+        assert world.workers[3].restored is None
+        assert world.workers[1].calls == ["start", "pause", "resume", "retire"]
+        assert world.runner._kept is None and store.load("b") is None
+    run(test, tmp_path, "", store)
