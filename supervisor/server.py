@@ -32,7 +32,6 @@ import zmq
 import zmq.asyncio
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
-from .channel import WorkerChannel
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, Config, misnamed
 from .control import MAX_WAIT, ControlError, ControlServer, Request
@@ -122,7 +121,6 @@ class Supervisor:
         self._told: set[str] = set()  # warnings already given
         self._started = time.monotonic()
         self._zygote: Zygote | None = None
-        self._channel: WorkerChannel | None = None
         self._old_zygotes: set[Zygote] = set()  # replaced, waiting for their workers to go
         self._lifeline = -1
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
@@ -152,10 +150,6 @@ class Supervisor:
             stack.callback(os.close, life_r)
             zctx = zmq.asyncio.Context()
             stack.callback(zctx.term)
-            channel = WorkerChannel(zctx, f"ipc://{config.run_dir / 'workers'}")
-            self._channel = channel
-            channel.start()
-            stack.push_async_callback(channel.close)
             # Closed after every bundle (below), so a reload waiting for its
             # swap when a shutdown comes still gets its answer.
             control = ControlServer(zctx, config.run_dir, self.submit)
@@ -360,9 +354,8 @@ class Supervisor:
                 runner.request(force=True)
 
     def _spawner(self, zygote: Zygote) -> Spawner:
-        assert self._channel is not None
-        return functools.partial(WorkerProcess.start, zygote=zygote, channel=self._channel,
-                                 sink=self.sink, log_level=self.config.log_level)
+        return functools.partial(WorkerProcess.start, zygote=zygote, sink=self.sink,
+                                 log_level=self.config.log_level)
 
     async def _stop_zygotes(self) -> None:
         for zygote in [self._zygote, *self._old_zygotes]:
