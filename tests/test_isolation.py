@@ -1,0 +1,305 @@
+"""Isolation (issue 11): what a worker holds, what a bundle can reach, what
+outlives a worker. Real supervisors, real workers, real /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+from harness import (
+    Hotsup,
+    counter_source,
+    free_port,
+    port_open,
+    request,
+    save,
+    wait_for,
+    write_bundle,
+)
+from hotsup.worker.listener import StreamsListener
+
+MakeHotsup = Callable[..., Hotsup]
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            targets[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return targets
+
+
+def _inodes(pid: int) -> set[str]:
+    """The sockets and pipes ``pid`` holds, by inode."""
+    return {t for t in _fd_targets(pid).values() if t.startswith(("socket:", "pipe:"))}
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if _ppid(int(entry)) == pid:
+                    found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as comm:
+        return comm.read().strip()
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of ``pid`` (as root)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def _pids(sup: Hotsup) -> dict[str, int]:
+    """bundle@generation -> pid of every worker of this supervisor's zygote,
+    and "spare" for the spare child."""
+    found: dict[str, int] = {}
+    for zygote in _children(sup.pid):
+        for child in _children(zygote):
+            found[_comm(child)] = child
+    return found
+
+
+def _uid(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory "
+                                "and fds: needs root")
+
+
+@needs_root
+def test_no_child_holds_another_generations_fds_or_spec(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    write_bundle(sup.bundles / "alpha", counter_source("a1"), free_port())
+    write_bundle(sup.bundles / "beta", counter_source("b1"), free_port(),
+                 extra=f'[settings]\napi_key = "{secret}"\n')
+    sup.start()
+    sup.wait_log(r"alpha@1: serving")
+    sup.wait_log(r"beta@1: serving")
+    # alpha@2 is forked after beta's spawn: from the spare that waited then.
+    save(sup.bundles / "alpha" / "counter.py", counter_source("a2"))
+    sup.wait_log(r"alpha@1: retired")
+    pids = wait_for(lambda: (lambda p: p if {"alpha@2", "beta@1", "hotsup-spare"} <= set(p)
+                             else None)(_pids(sup)), what="alpha@2, beta@1 and a spare")
+    assert isinstance(pids, dict)
+    alpha, beta, spare = pids["alpha@2"], pids["beta@1"], pids["hotsup-spare"]
+    zygote = _ppid(alpha)
+    shared = _inodes(alpha) & _inodes(beta)
+    assert len(shared) == 1 and shared <= _inodes(zygote), \
+        f"two bundles' workers share only the lifeline, not {shared}"
+    assert not (_inodes(spare) - _inodes(zygote)) & (_inodes(alpha) | _inodes(beta)), \
+        "the spare holds no worker's fd"
+    assert not (_inodes(spare) - _inodes(zygote)) & _inodes(sup.pid), \
+        "the spare holds nothing that reaches the supervisor"
+    # What a worker shares with the supervisor: its listening socket, its log
+    # pipe (stdout and stderr) and the lifeline; its channel end is its own.
+    fds = _fd_targets(alpha)
+    assert fds[1] == fds[2] and fds[1].startswith("pipe:")
+    with_supervisor = _inodes(alpha) & _inodes(sup.pid)
+    assert len(with_supervisor) == 3 and fds[1] in with_supervisor, with_supervisor
+    assert sum(t.startswith("socket:") for t in with_supervisor) == 1
+    # The spec (with its secret) went over beta's channel only.
+    assert not _memory_holds(zygote, secret.encode()), "the zygote never sees a spec"
+    assert not _memory_holds(spare, secret.encode())
+    assert not _memory_holds(alpha, secret.encode())
+    assert _memory_holds(beta, secret.encode()), "the check would see it"
+
+
+FLOOD = """
+import fcntl, os, socket
+
+def channel():
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+            return sock
+        sock.close()
+
+def go():
+    sock = channel()
+    sock.setblocking(True)
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    os.ftruncate(big, 300 << 20)
+    fcntl.fcntl(big, fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    socket.send_fds(sock, [b'{"v":1,"op":"reply","id":1,"ok":true,"payload":%d}' % (300 << 20)],
+                    [big])
+    for i in range(5000):
+        sock.send(b"garbage %d" % i)
+    print("flooded", flush=True)
+"""
+
+
+def test_garbage_from_a_worker_is_dropped_and_logged_a_few_times(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    bundle = write_bundle(sup.bundles / "counter",
+                          counter_source("v0", start="__import__('flood').go()"), port)
+    (bundle / "flood.py").write_text(FLOOD)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    sup.wait_log(r"flooded")
+    sup.wait_log(r"over the limit of 268435456")
+    assert request(port, "incr").startswith("count=1 generation=1")
+    drops = re.findall(r"dropped a malformed message", sup.log())
+    assert 1 <= len(drops) <= 5, len(drops)
+    done = sup.cli("status", "--json")
+    assert done.returncode == 0 and '"generation": 1' in done.stdout
+
+
+STUBBORN_CHILD = """
+import os, signal, time
+
+def fork(path):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(1)
+    with open(path, "w") as out:
+        out.write(str(pid))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_crashed_workers_children_die_with_it(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    marker = sup.root / "child.pid"
+    tail = ("\n\nimport os\n_handle = Counter.handle\n"
+            "async def handle(self, reader, writer):\n"
+            f"    if self.ctx.generation == 1 and not os.path.exists({str(marker)!r}):\n"
+            f"        __import__('stubborn').fork({str(marker)!r})\n"
+            "        os._exit(3)\n"
+            "    await _handle(self, reader, writer)\n"
+            "Counter.handle = handle\n")
+    bundle = write_bundle(sup.bundles / "counter", counter_source("v0", tail=tail), port)
+    (bundle / "stubborn.py").write_text(STUBBORN_CHILD)
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    with contextlib.suppress(ConnectionError):  # forks the child, then crashes: no answer
+        assert request(port, "incr", timeout=5) == ""
+    child = int(str(wait_for(lambda: marker.exists() and marker.read_text(), what="child pid")))
+    wait_for(lambda: not _alive(child), what=f"the crashed worker's child {child} killed")
+    sup.wait_log(r"counter@2: serving")
+    assert request(port, "get").startswith("count=0 generation=2")
+    shutil.rmtree(bundle)
+    sup.wait_log(r"counter@2: retired")
+    wait_for(lambda: not port_open(port), what="the port closed")
+
+
+def test_ctx_sockets_cannot_harm_the_listening_socket(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    start = ("s = self.ctx.sockets['main']\n"
+             "        try:\n"
+             "            s.shutdown(__import__('socket').SHUT_RDWR)\n"
+             "        except OSError as exc:\n"
+             "            print('shutdown refused:', exc.errno, flush=True)\n"
+             "        s.listen(1)\n"
+             "        s.close()")
+    write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port)
+    sup.start()
+    sup.wait_log(rf"shutdown refused: {errno.EPERM}")
+    sup.wait_log(r"counter@1: serving")
+    assert request(port, "incr").startswith("count=1 generation=1")
+    save(sup.bundles / "counter" / "counter.py", counter_source("v1", start=start))
+    sup.wait_log(r"counter@2: swapped")
+    assert request(port, "incr").startswith("count=2 generation=2 tag=v1")
+    # listen(1) kept the shared backlog: many queued connections all get in.
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    for client in clients:
+        client.sendall(b"get\n")
+        assert client.recv(100).startswith(b"count=2")
+        client.close()
+
+
+def test_the_accept_loop_stops_on_a_socket_that_cannot_accept() -> None:
+    """A listening fd closed under the listener (or shut down) fails accept()
+    for ever; the reader must not fire again and again on it."""
+    records: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("t-accept")
+    log.addHandler(Catch())
+
+    async def main() -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        server.setblocking(False)
+        port = server.getsockname()[1]
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        listener = StreamsListener("main", server, serve, log)
+        server.shutdown(socket.SHUT_RDWR)  # what finding 6's bundle did: accept() -> EINVAL
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        for _ in range(50):
+            await asyncio.sleep(0.005)
+        client.close()
+        listener.close()
+
+    uvloop.run(main())
+    errors = [r for r in records if "cannot accept any more" in r.getMessage()]
+    assert len(errors) <= 1, [r.getMessage() for r in records]
+    assert len(records) <= 1, "no retry storm"
+
+
+def test_a_worker_of_another_bundle_is_not_in_reach(hotsup: MakeHotsup, tmp_path: Path) -> None:
+    """No socket file to find: run_dir holds the control socket only."""
+    sup = hotsup()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    names = sorted(p.name for p in (sup.root / ".hotsup").iterdir())
+    assert "workers" not in names, names
