@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -303,3 +305,87 @@ def test_a_worker_of_another_bundle_is_not_in_reach(hotsup: MakeHotsup, tmp_path
     sup.wait_log(r"counter@1: serving")
     names = sorted(p.name for p in (sup.root / ".hotsup").iterdir())
     assert "workers" not in names, names
+
+
+# -- run_dir (finding 1) ------------------------------------------------------------
+
+def _nobody() -> int | None:
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return None
+
+
+def _as_user(uid: int, action: Callable[[], None]) -> None:
+    """Run ``action`` (system calls only) in a child that dropped to ``uid``."""
+    pid = os.fork()
+    if pid == 0:  # the child: drop, act, _exit
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _start_with_run_dir(hotsup: MakeHotsup, run_dir: Path) -> Hotsup:
+    sup = hotsup()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+    sup.config.write_text(sup.config.read_text().replace(
+        'run_dir = ".hotsup"', f'run_dir = "{run_dir}"'))
+    sup.start()
+    assert sup.proc is not None and sup.proc.wait(30) == 2, sup.log()
+    return sup
+
+
+@pytest.mark.skipif(_nobody() is None, reason="needs root and a 'nobody' user to test as")
+def test_another_users_symlink_for_run_dir_is_refused(hotsup: MakeHotsup) -> None:
+    """Finding 1: another user makes run_dir, in a 1777 directory, a symlink
+    to a root-owned 0755 directory. hotsup must not chmod it or write there."""
+    nobody = _nobody()
+    assert nobody is not None
+    shared = Path(tempfile.mkdtemp(prefix="hs-shared-", dir="/tmp"))
+    target = Path(tempfile.mkdtemp(prefix="hs-target-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o1777)
+        os.chmod(target, 0o755)
+        _as_user(nobody, lambda: os.symlink(target, shared / "run"))
+        _as_user(nobody, lambda: os.symlink(target, shared / "link"))
+        sup = _start_with_run_dir(hotsup, shared / "run")
+        assert f"run_dir {shared / 'run'} is a symlink" in sup.log()
+        sup = _start_with_run_dir(hotsup, shared / "link" / "run")
+        assert (f"{shared / 'link'} is a symlink owned by uid {nobody}, neither us nor root"
+                in sup.log())
+        assert stat.S_IMODE(target.stat().st_mode) == 0o755, "not chmodded"
+        assert list(target.iterdir()) == [], "nothing written there"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_a_run_dir_under_a_directory_others_can_write_is_refused(hotsup: MakeHotsup) -> None:
+    open_dir = Path(tempfile.mkdtemp(prefix="hs-open-", dir="/tmp"))
+    try:
+        os.chmod(open_dir, 0o777)  # no sticky bit: anyone may rename what is in it
+        sup = _start_with_run_dir(hotsup, open_dir / "sub" / "run")
+        assert (f"run_dir {open_dir / 'sub' / 'run'}: {open_dir} is writable by others "
+                f"(mode 777) without the sticky bit" in sup.log()), sup.log()
+        assert not (open_dir / "sub").exists()
+        os.chmod(open_dir, 0o1777)  # /tmp's mode: fine
+        sup = hotsup()
+        write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+        sup.config.write_text(sup.config.read_text().replace(
+            'run_dir = ".hotsup"', f'run_dir = "{open_dir / "run"}"'))
+        sup.start()
+        sup.wait_log(r"counter@1: serving")
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
