@@ -29,10 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
+from . import descriptors
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, Config, misnamed
 from .control import MAX_WAIT, ControlError, ControlServer, Request
@@ -149,12 +148,13 @@ class Supervisor:
             life_r, life_w = lifeline()
             stack.callback(os.close, life_w)  # closed last but one: workers see EOF
             stack.callback(os.close, life_r)
-            zctx = zmq.asyncio.Context()
-            stack.callback(zctx.term)
             # Closed after every bundle (below), so a reload waiting for its
             # swap when a shutdown comes still gets its answer.
-            control = ControlServer(zctx, config.run_dir, self.submit)
-            control.start()
+            control = ControlServer(config.run_dir, self.submit)
+            try:
+                await control.start()
+            except ControlError as exc:
+                raise StartupError(str(exc)) from None
             stack.push_async_callback(control.close)
             stack.push_async_callback(self._cancel_background)
             sockets = SocketRegistry()
@@ -636,6 +636,8 @@ def run(config: Config, json_logs: bool = False) -> int:
 
     sink = LogSink(sys.stderr, json=json_logs)
     setup_logging(sink, config.log_level)
+    # Workers and the zygote inherit it (module descriptors).
+    log.debug("file descriptor limit: %d", descriptors.raise_limit())
     try:
         return uvloop.run(Supervisor(config, sink).serve())
     except StartupError as exc:

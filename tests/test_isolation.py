@@ -9,9 +9,12 @@ import errno
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -389,3 +392,68 @@ def test_a_run_dir_under_a_directory_others_can_write_is_refused(hotsup: MakeHot
         sup.wait_log(r"counter@1: serving")
     finally:
         shutil.rmtree(open_dir, ignore_errors=True)
+
+
+# -- descriptors (finding 3) ---------------------------------------------------------
+
+def _start_with_limit(sup: Hotsup, soft: int, hard: int) -> None:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    with sup.log_path.open("ab") as log:
+        sup.proc = subprocess.Popen(
+            [sys.executable, "-m", "hotsup.supervisor.cli", "start", str(sup.config)],
+            cwd=sup.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=limit)
+
+
+def test_a_flood_of_control_connections_cannot_take_the_supervisor_down(
+        hotsup: MakeHotsup) -> None:
+    """Finding 3: at ulimit -n 256, idle connections to the control socket made
+    libzmq abort the supervisor. Now only the control endpoint's own process
+    can die of it, and a new one takes its place."""
+    sup = hotsup()
+    port, other = free_port(), free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    write_bundle(sup.bundles / "other", counter_source("o0"), other)
+    limit = 256
+    _start_with_limit(sup, limit, limit)
+    sup.wait_log(r"counter@1: serving")
+    sup.wait_log(r"other@1: serving")
+    control = str(sup.root / ".hotsup" / "control")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(limit + 200):  # more than ulimit -n allows
+            client = socket.socket(socket.AF_UNIX)
+            try:
+                client.connect(control)
+            except OSError:  # between two endpoint processes
+                client.close()
+                continue
+            clients.append(client)
+        sup.wait_log(r"control: the control endpoint process exited \(killed by SIGABRT\)")
+        assert sup.proc is not None and sup.proc.poll() is None, "the supervisor survived"
+        assert request(port, "incr").startswith("count=1 generation=1"), "the bundles serve"
+        assert request(other, "incr").startswith("count=1 generation=1")
+        save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
+        sup.wait_log(r"counter@2: swapped")
+    finally:
+        for client in clients:
+            client.close()
+    sup.wait_log(r"control: listening again")
+    done = wait_for(lambda: (lambda d: d if d.returncode == 0 else None)(
+        sup.cli("status", "--json")), what="status answered")
+    assert '"generation": 2' in str(getattr(done, "stdout", ""))
+    assert request(port, "get").startswith("count=1 generation=2")
+    assert sup.stop() == 0
+
+
+def test_the_supervisor_raises_its_descriptor_limit(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
+    _start_with_limit(sup, 256, 4096)
+    sup.wait_log(r"counter@1: serving")
+    assert resource.prlimit(sup.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+    pids = wait_for(lambda: _pids(sup).get("counter@1"), what="the worker")
+    assert isinstance(pids, int)
+    assert resource.prlimit(pids, resource.RLIMIT_NOFILE) == (4096, 4096), "inherited"
