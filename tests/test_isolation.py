@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -457,3 +458,111 @@ def test_the_supervisor_raises_its_descriptor_limit(hotsup: MakeHotsup) -> None:
     pids = wait_for(lambda: _pids(sup).get("counter@1"), what="the worker")
     assert isinstance(pids, int)
     assert resource.prlimit(pids, resource.RLIMIT_NOFILE) == (4096, 4096), "inherited"
+
+
+# -- per-bundle users (user = "NAME") ------------------------------------------------
+
+PROBE = """
+import json, os, signal, socket
+
+def probe(run_dir):
+    found = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+             "groups": os.getgroups()}
+    def attempt(name, action):
+        try:
+            action()
+            found[name] = "allowed"
+        except OSError as exc:
+            found[name] = type(exc).__name__
+    attempt("list run_dir", lambda: os.listdir(run_dir))
+    attempt("read key", lambda: open(os.path.join(run_dir, "checkpoints", "key"), "rb").read())
+    def connect():
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(os.path.join(run_dir, "control"))
+    attempt("connect control", connect)
+    victims = [int(p) for p in os.listdir("/proc") if p.isdigit()
+               and open(f"/proc/{p}/comm").read().strip() == "victim@1"]
+    attempt("signal victim", lambda: os.kill(victims[0], signal.SIGTERM))
+    attempt("write bundle dir", lambda: open(os.path.join(os.path.dirname(__file__), "x"), "w"))
+    print("probe:", json.dumps(found), flush=True)
+"""
+
+
+@pytest.fixture
+def world_readable() -> Iterator[Path]:
+    """A directory every user may read (pytest's tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="hs-bundles-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(_nobody() is None, reason="needs root and a 'nobody' user to test as")
+def test_a_bundle_with_its_own_user_cannot_reach_the_supervisor_or_others(
+        hotsup: MakeHotsup, world_readable: Path) -> None:
+    nobody = _nobody()
+    sup = hotsup()
+    victim_port, port = free_port(), free_port()
+    write_bundle(sup.bundles / "victim", counter_source("v0"), victim_port)
+    probe = f"__import__('probe').probe({str(sup.root / '.hotsup')!r})"
+    evil = write_bundle(world_readable / "evil", counter_source("e0", start=probe), port)
+    (evil / "probe.py").write_text(PROBE)
+    for path in evil.iterdir():
+        os.chmod(path, 0o644)
+    os.chmod(evil, 0o755)
+    sup.config.write_text(sup.config.read_text() + f'\n[bundles.evil]\npath = "{evil}"\n'
+                          'user = "nobody"\n')
+    sup.start()
+    sup.wait_log(r"victim@1: serving")
+    sup.wait_log(r"evil@1: serving")
+    found = json.loads(sup.wait_log(r"probe: (\{.*\})"))
+    assert found["uid"] == found["euid"] == nobody
+    assert found["groups"] == [found["gid"]], "no supplementary group of root's"
+    assert found["list run_dir"] == "PermissionError"
+    assert found["read key"] == "PermissionError"
+    assert found["connect control"] == "PermissionError"
+    assert found["signal victim"] == "PermissionError"
+    assert found["write bundle dir"] == "PermissionError"
+    pid = wait_for(lambda: _pids(sup).get("evil@1"), what="the evil worker")
+    assert isinstance(pid, int) and _uid(pid) == nobody
+    with open(f"/proc/{pid}/status") as status:
+        assert re.search(r"^NoNewPrivs:\s+1$", status.read(), re.M)
+    assert request(port, "incr").startswith("count=1 generation=1 tag=e0")
+    assert request(victim_port, "incr").startswith("count=1 generation=1")
+    # Its state still hands over: the snapshot travels over its channel.
+    save(evil / "counter.py", counter_source("e1", start=probe))
+    os.chmod(evil / "counter.py", 0o644)
+    sup.wait_log(r"evil@2: swapped from evil@1")
+    assert request(port, "incr").startswith("count=2 generation=2 tag=e1")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a bundle user needs a root supervisor")
+def test_check_reports_a_bad_bundle_user(hotsup: MakeHotsup, world_readable: Path) -> None:
+    sup = hotsup()
+    unknown = write_bundle(sup.bundles / "unknown", counter_source("v0"), free_port(),
+                           extra='user = "no-such-user-hs"')
+    hidden = write_bundle(sup.bundles / "hidden", counter_source("v0"), free_port(),
+                          extra='user = "nobody"\ngroup = "no-such-group-hs"')
+    done = sup.cli("check", str(sup.config))
+    assert done.returncode == 1
+    assert f"{unknown / 'bundle.toml'}: user: no such user: 'no-such-user-hs'" in done.stderr
+    assert f"{hidden / 'bundle.toml'}: group: no such group: 'no-such-group-hs'" in done.stderr
+    save(hidden / "bundle.toml", (hidden / "bundle.toml").read_text().replace(
+        'group = "no-such-group-hs"', ""))
+    done = sup.cli("check", str(sup.config))
+    assert f"{hidden / 'bundle.toml'}: user: user 'nobody' cannot read the bundle " \
+           f"directory: " in done.stderr, done.stderr
+
+
+def test_a_bundle_user_needs_a_root_supervisor(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from hotsup.supervisor import config
+
+    bundle = write_bundle(tmp_path / "bundles" / "counter", counter_source("v0"), free_port(),
+                          extra='user = "nobody"')
+    (tmp_path / "config.toml").write_text('[supervisor]\nbundles_dir = "bundles"\n')
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    problems = config.check(tmp_path / "config.toml")
+    assert any(line.startswith(f"{bundle / 'bundle.toml'}: user: the worker can run as "
+                               "'nobody' only when the supervisor runs as root") for line in
+               problems), problems
