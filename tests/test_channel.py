@@ -141,3 +141,52 @@ def test_send_fails_once_the_peer_is_gone(pair: tuple[socket.socket, socket.sock
 
     _run(main())
     assert closed == [True]
+
+
+def test_request_lends_fds_and_hands_over_the_replys(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """WorkerProcess.request against a peer speaking the worker's side: the
+    fds sent stay the caller's, the reply's become the caller's, and call()
+    closes the ones it gets."""
+    from types import SimpleNamespace
+
+    from hotsup.supervisor.process import WorkerProcess, WorkerReply
+
+    ours, theirs = pair
+    r, w = os.pipe()
+    replies: list[WorkerReply] = []
+
+    async def main() -> None:
+        process = WorkerProcess(SimpleNamespace(name="t"), 1, None, None)  # type: ignore[arg-type]
+        process._channel = wire.Channel(ours, process._on_message, process._drops)
+        peer: wire.Channel
+
+        def answer(message: wire.Message) -> None:
+            (lent,) = message.fds or (-1,)
+            if lent >= 0:
+                os.write(lent, b"L")  # the fd we were lent works ...
+                os.close(lent)  # ... and is the worker's own copy to close
+            back_r, back_w = os.pipe()
+            os.write(back_w, b"R")
+            os.close(back_w)
+            reply = {"op": P.OP_REPLY, "id": message.header["id"], "ok": True}
+            task = asyncio.ensure_future(peer.send(reply, b"data", [back_r]))
+            task.add_done_callback(lambda _: os.close(back_r))
+
+        peer = wire.Channel(theirs, answer, wire.RateLimitedLog(logging.getLogger()))
+        replies.append(await process.request("echo", 5.0, fds=[w]))
+        before = _open_fds()
+        header, payload = await process.call("echo", 5.0)
+        assert (header["ok"], payload) == (True, b"data")
+        assert _open_fds() == before, "call() closed the fd of its reply"
+
+    _run(main())
+    (reply,) = replies
+    assert reply.payload == b"data"
+    (fd,) = reply.fds
+    assert os.read(fd, 1) == b"R", "the reply's fd is the caller's"
+    os.close(fd)
+    os.write(w, b"!")  # ours is still open after the worker closed its copy
+    assert os.read(r, 2) == b"L!"
+    os.close(r)
+    os.close(w)
