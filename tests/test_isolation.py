@@ -566,3 +566,17 @@ def test_a_bundle_user_needs_a_root_supervisor(tmp_path: Path,
     assert any(line.startswith(f"{bundle / 'bundle.toml'}: user: the worker can run as "
                                "'nobody' only when the supervisor runs as root") for line in
                problems), problems
+
+
+def test_a_large_settings_table_reaches_the_worker(hotsup: MakeHotsup) -> None:
+    """The spec travels over the worker's channel as a payload, not in the
+    zygote's 1 MiB packet: a 2 MiB [settings] table is no problem."""
+    sup = hotsup()
+    port = free_port()
+    blob = "x" * (2 * 1024 * 1024)
+    start = "print('settings:', len(self.ctx.settings['blob']), flush=True)"
+    write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port,
+                 extra=f'[settings]\nblob = "{blob}"\n')
+    sup.start()
+    sup.wait_log(r"counter@1: serving")
+    assert sup.wait_log(r"settings: (\d+)") == str(len(blob))
