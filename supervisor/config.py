@@ -9,10 +9,13 @@ loaded on its own (``load_bundle``) so one broken bundle never stops another.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
+import stat
 import subprocess
 import sys
 import tomllib
@@ -105,6 +108,9 @@ class BundleSpec:
     settings: dict[str, Any]
     multiprocessing_logging: bool
     timing: Timing
+    #: ``user``/``group``: the worker drops to these after fork (None: it stays ours).
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,7 @@ _SUPERVISOR_KEYS = {
 }
 _MANIFEST_KEYS = {
     "entry", "kind", "factory", "version", "sockets", "settings", "multiprocessing_logging",
+    "user", "group",
 } | _TIMING_KEYS
 _OVERRIDE_KEYS = _MANIFEST_KEYS | {"path"}
 
@@ -500,6 +507,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     if kind == "asgi":
         _asgi_sockets(sockets, problems)
     timing = _timing(data, config.defaults, "", problems)
+    uid, gid = _identity(data, source.path, problems)
     problems.lines.extend(preload_conflicts(config, [source]))
 
     if problems.lines:
@@ -507,8 +515,65 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     return BundleSpec(
         name=source.name, path=source.path, entry=entry, kind=kind, factory=factory,
         version=version, sockets=sockets, settings=settings,
-        multiprocessing_logging=mp_logging, timing=timing,
+        multiprocessing_logging=mp_logging, timing=timing, uid=uid, gid=gid,
     )
+
+
+def _identity(data: dict[str, Any], path: Path,
+              problems: _Problems) -> tuple[int | None, int | None]:
+    """``user`` and ``group``: the uid and gid the worker runs as, checked."""
+    user = _string(data, "user", "", "", problems)
+    group = _string(data, "group", "", "", problems)
+    if not user:
+        if group:
+            problems.add("group", 'only with user = "NAME"')
+        return None, None
+    if os.geteuid() != 0:
+        problems.add("user", f"the worker can run as {user!r} only when the supervisor runs "
+                     f"as root (it runs as uid {os.geteuid()}); remove the key or start "
+                     "hotsup as root")
+        return None, None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        problems.add("user", f"no such user: {user!r}")
+        return None, None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            problems.add("group", f"no such group: {group!r}")
+            return None, None
+    if entry.pw_uid == 0:
+        problems.add("user", f"{user!r} is root: a bundle user is there to drop privileges")
+        return None, None
+    unreadable = _unreadable_by(path, entry.pw_uid, gid)
+    if unreadable:
+        problems.add("user", f"user {user!r} cannot read the bundle directory: {unreadable} "
+                     f"(make it readable by that user or group {gid})")
+    return entry.pw_uid, gid
+
+
+def _unreadable_by(path: Path, uid: int, gid: int) -> str:
+    """What keeps ``uid``:``gid`` from reading ``path`` (a directory every
+    ancestor of which it must be able to enter), or "" if nothing does. By
+    mode bits, as the kernel decides for a process with only that group."""
+    path = Path(os.path.realpath(path))
+    for directory, need in [*((p, 0o1) for p in reversed(path.parents)), (path, 0o5)]:
+        try:
+            info = os.stat(directory)
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+        if info.st_uid == uid:
+            bits = info.st_mode >> 6
+        elif info.st_gid == gid:
+            bits = info.st_mode >> 3
+        else:
+            bits = info.st_mode
+        if bits & need != need:
+            return f"{directory} (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
 
 
 def _sockets(

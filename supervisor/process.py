@@ -2,6 +2,12 @@
 
 It knows nothing of swap states; ``swap`` decides what to ask and when. Every
 request has a deadline and fails at once if the process exits meanwhile.
+
+Each worker has a channel of its own (``hotsup.worker.channel``): a socketpair
+made here at spawn, whose other end goes to the zygote with the spawn request
+and is the worker's from its fork. The worker's spec is the first message on
+it, queued before the spawn. Nothing else can write to our end, so whatever
+arrives on it is this worker's (and is still checked: it runs bundle code).
 """
 
 from __future__ import annotations
@@ -11,14 +17,15 @@ import contextlib
 import itertools
 import logging
 import os
-import secrets
 import signal
 import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from hotsup.worker import channel as wire
 from hotsup.worker import protocol as P
 
-from .channel import WorkerChannel
 from .config import BundleSpec
 from .logs import LogSink, WorkerLog
 from .zygote import Zygote, ZygoteError
@@ -38,32 +45,40 @@ class WorkerError(Exception):
         self.kind = kind  # the worker's exception type, when it answered with one
 
 
+@dataclass(frozen=True)
+class WorkerReply:
+    """A worker's answer to ``WorkerProcess.request``. The caller owns ``fds``
+    (connections, a memfd, ...): it must close each one it does not keep."""
+
+    header: dict[str, Any]
+    payload: bytes | None
+    fds: tuple[int, ...]
+
+
 class WorkerProcess:
     def __init__(self, spec: BundleSpec, generation: int, zygote: Zygote,
-                 channel: WorkerChannel, sink: LogSink) -> None:
+                 sink: LogSink) -> None:
         self.spec = spec
         self.generation = generation
         self.tag = f"{spec.name}@{generation}"
-        self.token = secrets.token_urlsafe(32)
         self.pid: int | None = None
         self._zygote = zygote
-        self._channel = channel
         self._sink = sink
         loop = asyncio.get_running_loop()
         self.loaded: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
-        self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
+        self._replies: dict[int, asyncio.Future[wire.Message]] = {}
         self._ids = itertools.count(1)
         self._pidfd = -1
         self._log: WorkerLog | None = None
-        channel.register(self.token, self._on_message)
+        self._channel: wire.Channel | None = None
+        self._drops = wire.RateLimitedLog(logging.LoggerAdapter(log, {"bundle": spec.name}))
 
     @classmethod
     async def start(cls, spec: BundleSpec, generation: int, sockets: dict[str, socket.socket],
-                    *, zygote: Zygote, channel: WorkerChannel, sink: LogSink,
-                    log_level: str) -> WorkerProcess:
+                    *, zygote: Zygote, sink: LogSink, log_level: str) -> WorkerProcess:
         """Fork a worker for ``spec`` from the zygote; WorkerError if it cannot be."""
-        process = cls(spec, generation, zygote, channel, sink)
+        process = cls(spec, generation, zygote, sink)
         try:
             await process._spawn(sockets, log_level)
         except ZygoteError as exc:
@@ -77,20 +92,27 @@ class WorkerProcess:
     async def _spawn(self, sockets: dict[str, socket.socket], log_level: str) -> None:
         names = list(sockets)
         spec: P.SpawnSpec = {
-            "bundle": self.spec.name, "generation": self.generation, "token": self.token,
-            "endpoint": self._channel.endpoint, "path": str(self.spec.path),
+            "bundle": self.spec.name, "generation": self.generation, "path": str(self.spec.path),
             "entry": self.spec.entry, "kind": self.spec.kind, "factory": self.spec.factory,
             "version": self.spec.version,
             "settings": self.spec.settings, "socket_names": names, "log_level": log_level,
             "multiprocessing_logging": self.spec.multiprocessing_logging,
+            "uid": self.spec.uid, "gid": self.spec.gid,
         }
+        # Both ends close-on-exec: ours never reaches a process we run, theirs
+        # reaches the worker only through SCM_RIGHTS.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._channel = wire.Channel(ours, self._on_message, self._drops)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             self._log = WorkerLog(read_fd, self.spec.name, self.generation, self._sink)
-            fds = [write_fd, *(sockets[name].fileno() for name in names)]
-            self.pid = await self._zygote.spawn(spec, fds)
+            # Queued in the worker's end before it exists: its first read.
+            await self._channel.send({"op": P.OP_SPEC}, wire.encode_spec(spec))
+            fds = [write_fd, theirs.fileno(), *(sockets[name].fileno() for name in names)]
+            self.pid = await self._zygote.spawn(fds)
         finally:
             os.close(write_fd)  # the worker has its copy; EOF comes when it exits
+            theirs.close()
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:  # already gone and reaped
@@ -105,32 +127,49 @@ class WorkerProcess:
 
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its reply; WorkerError on error, exit or timeout."""
+        """Send a request and wait for its reply; WorkerError on error, exit or timeout.
+        Any fds the reply carries are closed."""
+        reply = await self.request(op, timeout, payload, **fields)
+        wire.close_fds(reply.fds)
+        return reply.header, reply.payload
+
+    async def request(self, op: str, timeout: float, payload: bytes | None = None,
+                      fds: Sequence[int] = (), **fields: Any) -> WorkerReply:
+        """Send a request with ``fds`` (which stay the caller's: the worker gets
+        duplicates) and wait for its reply; WorkerError on error, exit or
+        timeout. The reply's fds are the caller's to close."""
         request_id = next(self._ids)
-        future: asyncio.Future[tuple[dict[str, Any], bytes | None]] = \
-            asyncio.get_running_loop().create_future()
+        future: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
         deadline = asyncio.get_running_loop().time() + timeout
+        handed = False
         try:
+            if self._channel is None:
+                raise ConnectionError("the worker has no channel")
             header = {"op": op, "id": request_id, **fields}
-            await asyncio.wait_for(self._channel.send(self.token, header, payload), timeout)
+            await asyncio.wait_for(self._channel.send(header, payload, fds), timeout)
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             done = await self._first_of(future, left)
             if future in done:
-                header, data = future.result()
-                if not header.get("ok"):
+                message = future.result()
+                handed = True
+                if not message.header.get("ok"):
+                    wire.close_fds(message.fds)
+                    header = message.header
                     raise WorkerError(f"{op}: {header.get('error')}", header.get("detail", ""),
                                       str(header.get("error_type", "")))
-                return header, data
+                return WorkerReply(message.header, message.payload, message.fds)
             if self.exited in done:
                 raise WorkerError(f"{op}: the worker {await self.describe_exit()}")
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
-        except ConnectionError as exc:
+        except (ConnectionError, P.ProtocolError) as exc:
             raise WorkerError(f"{op}: {exc}") from None
         except TimeoutError:
             raise WorkerError(f"{op}: could not send within {timeout:g}s") from None
         finally:
             self._replies.pop(request_id, None)
+            if not handed and future.done() and not future.cancelled():
+                wire.close_fds(future.result().fds)  # a reply nobody takes: cancelled late
 
     async def wait_loaded(self, timeout: float) -> dict[str, Any]:
         done = await self._first_of(self.loaded, timeout)
@@ -143,7 +182,7 @@ class WorkerProcess:
     async def _first_of(self, future: asyncio.Future[Any], timeout: float) -> set[Any]:
         """Wait for ``future`` or this process's exit, whichever comes first.
 
-        The exit (a pidfd) and the worker's messages (zmq) are read apart, so a
+        The exit (a pidfd) and the worker's messages (its channel) are read apart, so a
         reply sent just before exiting may still be queued when the exit is
         seen: it gets REPLY_GRACE to arrive, and then wins.
         """
@@ -200,10 +239,11 @@ class WorkerProcess:
         self.release()
 
     def release(self) -> None:
-        """Drop everything held for the process: channel token, pidfd, log pipe."""
+        """Drop everything held for the process: channel, pidfd, log pipe."""
         if self.loaded.done() and not self.loaded.cancelled():
             self.loaded.exception()  # a late 'failed' report: seen, not an asyncio warning
-        self._channel.unregister(self.token)
+        if self._channel is not None:
+            self._channel.close()
         if self.pid is not None:
             self._zygote.forget(self.pid)
         if self._pidfd >= 0:
@@ -220,16 +260,19 @@ class WorkerProcess:
         if not self.exited.done():
             self.exited.set_result(None)
 
-    def _on_message(self, header: dict[str, Any], payload: bytes | None) -> None:
+    def _on_message(self, message: wire.Message) -> None:
+        header = message.header
         op = header["op"]
+        if op == P.OP_REPLY:
+            future = self._replies.get(header.get("id", -1))
+            if future is not None and not future.done():
+                future.set_result(message)  # its fds go to the caller of request()
+                return
+        wire.close_fds(message.fds)  # nobody asked for these
         if op == P.OP_LOADED and not self.loaded.done():
             self.loaded.set_result(header)
         elif op == P.OP_FAILED and not self.loaded.done():
             self.loaded.set_exception(WorkerError(str(header.get("error")),
                                                   str(header.get("detail", ""))))
-        elif op == P.OP_REPLY:
-            future = self._replies.get(header.get("id", -1))
-            if future is not None and not future.done():
-                future.set_result((header, payload))
-        else:
-            log.warning("%s: unexpected %r message", self.tag, op)
+        elif op != P.OP_REPLY:
+            self._drops.warning("%s: dropped an unexpected %r message", self.tag, op)

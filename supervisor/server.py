@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -29,11 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
-from .channel import WorkerChannel
+from . import descriptors
 from .checkpoint import CheckpointError, CheckpointStore
 from .commands import WIRE, Command, FilesChanged, Logs, Reload, Reply, Run, Shutdown, Status, Stop
 from .config import BundleSource, Config, misnamed
@@ -65,7 +64,6 @@ class Supervisor:
         self._told: set[str] = set()  # warnings already given
         self._started = time.monotonic()
         self._zygote: Zygote | None = None
-        self._channel: WorkerChannel | None = None
         self._old_zygotes: set[Zygote] = set()  # replaced, waiting for their workers to go
         self._lifeline = -1
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
@@ -94,16 +92,13 @@ class Supervisor:
             life_r, life_w = lifeline()
             stack.callback(os.close, life_w)  # closed last but one: workers see EOF
             stack.callback(os.close, life_r)
-            zctx = zmq.asyncio.Context()
-            stack.callback(zctx.term)
-            channel = WorkerChannel(zctx, f"ipc://{config.run_dir / 'workers'}")
-            self._channel = channel
-            channel.start()
-            stack.push_async_callback(channel.close)
             # Closed after every bundle (below), so a reload waiting for its
             # swap when a shutdown comes still gets its answer.
-            control = ControlServer(zctx, config.run_dir, self.submit)
-            control.start()
+            control = ControlServer(config.run_dir, self.submit)
+            try:
+                await control.start()
+            except ControlError as exc:
+                raise StartupError(str(exc)) from None
             stack.push_async_callback(control.close)
             stack.push_async_callback(self._cancel_background)
             sockets = SocketRegistry()
@@ -320,9 +315,8 @@ class Supervisor:
                 runner.request(force=True)
 
     def _spawner(self, zygote: Zygote) -> Spawner:
-        assert self._channel is not None
-        return functools.partial(WorkerProcess.start, zygote=zygote, channel=self._channel,
-                                 sink=self.sink, log_level=self.config.log_level)
+        return functools.partial(WorkerProcess.start, zygote=zygote, sink=self.sink,
+                                 log_level=self.config.log_level)
 
     async def _stop_zygotes(self) -> None:
         for zygote in [self._zygote, *self._old_zygotes]:
@@ -461,20 +455,37 @@ async def _stop_watcher(watcher: Watcher, task: asyncio.Task[None]) -> None:
 
 
 def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
-    """Create run_dir owner-only, take its lock, clear what a dead supervisor left."""
+    """Create run_dir owner-only, take its lock, clear what a dead supervisor left.
+
+    Refused (StartupError naming the path) unless nobody else can swap it or
+    anything on the way to it (``_check_run_dir_path``); run_dir itself is
+    opened with O_NOFOLLOW, so a symlink put in its place between the check
+    and the open is refused too, never followed.
+    """
+    _check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.stat(run_dir)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StartupError(f"run_dir {run_dir} is a symlink or not a directory: hotsup "
+                               f"never follows a symlink for run_dir; name the real "
+                               f"directory") from None
+        raise StartupError(f"run_dir {run_dir}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(dir_fd)
+        if info.st_uid != os.geteuid():
             # Someone else's directory (a shared /tmp, say): they could swap
             # our sockets, checkpoints or lock file for their own.
             raise StartupError(f"run_dir {run_dir} belongs to uid {info.st_uid}, not to us "
                                f"(uid {os.geteuid()}): choose another run_dir")
-        os.chmod(run_dir, 0o700)  # mkdir's mode is masked by umask; be explicit
-        fd = os.open(run_dir / "lock",
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(dir_fd, 0o700)  # mkdir's mode is masked by umask; be explicit
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=dir_fd)
     except OSError as exc:
         raise StartupError(f"run_dir {run_dir}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -490,6 +501,71 @@ def _prepare_run_dir(run_dir: Path, stack: contextlib.AsyncExitStack) -> None:
     stack.callback(_remove_sockets, run_dir)  # ours, after a clean exit
 
 
+#: Symlinks followed on the way to run_dir before it counts as a loop.
+_MAX_LINKS = 40
+
+
+def _check_run_dir_path(run_dir: Path) -> None:
+    """ssh's StrictModes for run_dir: StartupError unless every directory on
+    the way to it (every symlink resolved, one component at a time) belongs
+    to us or root and is writable by nobody else (or has the sticky bit, as
+    /tmp), every symlink on the way belongs to us or root, and run_dir itself
+    is not a symlink. Otherwise another user could point run_dir, or a
+    directory above it, somewhere of their choosing (finding 1 of issue 11).
+    Components that do not exist yet are ours to create."""
+    me = os.geteuid()
+    parts = list(Path(os.path.abspath(run_dir)).parts[1:])
+    current, links = "/", 0
+    _check_dir("/", os.stat("/"), run_dir)
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StartupError(f"run_dir {run_dir}: {candidate}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            if not parts:
+                raise StartupError(f"run_dir {run_dir} is a symlink: hotsup never follows a "
+                                   f"symlink for run_dir; name the real directory")
+            if info.st_uid not in (me, 0):
+                raise StartupError(f"run_dir {run_dir}: {candidate} is a symlink owned by uid "
+                                   f"{info.st_uid}, neither us nor root: it could be pointed "
+                                   f"anywhere; choose another run_dir")
+            links += 1
+            if links > _MAX_LINKS:
+                raise StartupError(f"run_dir {run_dir}: too many symlinks on the way")
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = "/"
+                parts = [*target.parts[1:], *parts]
+            else:
+                parts = [*target.parts, *parts]
+            continue
+        if not parts:
+            return  # run_dir itself: opened with O_NOFOLLOW, owner checked, made 0700
+        _check_dir(candidate, info, run_dir)
+        current = candidate
+
+
+def _check_dir(path: str, info: os.stat_result, run_dir: Path) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"run_dir {run_dir}: {path} is not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise StartupError(f"run_dir {run_dir}: {path} belongs to uid {info.st_uid}, neither "
+                           f"us nor root: its owner could replace run_dir; choose another "
+                           f"run_dir")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise StartupError(f"run_dir {run_dir}: {path} is writable by others (mode "
+                           f"{stat.S_IMODE(info.st_mode):o}) without the sticky bit: "
+                           f"anyone could replace what is in it; chmod go-w {path}")
+
+
 def _checkpoint_store(run_dir: Path) -> CheckpointStore:
     try:
         store = CheckpointStore(run_dir, max_bytes=MAX_WORKER_MESSAGE)
@@ -501,7 +577,7 @@ def _checkpoint_store(run_dir: Path) -> CheckpointStore:
 
 
 def _remove_sockets(run_dir: Path) -> None:
-    for name in ("workers", "control"):
+    for name in ("workers", "control"):  # workers: left by a hotsup before the socketpairs
         with contextlib.suppress(FileNotFoundError):
             os.unlink(run_dir / name)
 
@@ -520,6 +596,8 @@ def run(config: Config, json_logs: bool = False) -> int:
 
     sink = LogSink(sys.stderr, json=json_logs)
     setup_logging(sink, config.log_level)
+    # Workers and the zygote inherit it (module descriptors).
+    log.debug("file descriptor limit: %d", descriptors.raise_limit())
     try:
         return uvloop.run(Supervisor(config, sink).serve())
     except StartupError as exc:

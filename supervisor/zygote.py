@@ -24,7 +24,9 @@ class ZygoteError(Exception):
 class Zygote:
     """Starts the zygote, asks it for workers, hears of their exits.
 
-    ``spawn()`` sends the spec and the fds in one packet and returns the pid.
+    ``spawn()`` sends the worker's fds (``[log_pipe, channel, *sockets]``) in
+    one packet and returns the pid; the spec is not sent to the zygote at all
+    (the worker reads it from its channel).
     ``exit_code(pid)`` resolves to the code the zygote reaped that worker with
     (as ``os.waitstatus_to_exitcode``: negative for a signal), even if the
     report came before anyone asked.
@@ -84,14 +86,14 @@ class Zygote:
             raise
         log.debug("zygote %d ready", self._proc.pid)
 
-    async def spawn(self, spec: P.SpawnSpec, fds: list[int], timeout: float = 10.0) -> int:
+    async def spawn(self, fds: list[int], timeout: float = 10.0) -> int:
         await self._ensure_running()
         assert self._sock is not None
         request_id = next(self._ids)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            data = P.pack_zygote({"op": P.ZY_SPAWN, "id": request_id, "spec": spec})
+            data = P.pack_zygote({"op": P.ZY_SPAWN, "id": request_id})
             socket.send_fds(self._sock, [data], fds)
             pid = await asyncio.wait_for(future, timeout)
         except TimeoutError:

@@ -349,11 +349,13 @@ def test_run_dir_and_sockets_are_owner_only(hotsup: MakeHotsup) -> None:
     sup, _ = start_counter(hotsup)
     run = sup.root / ".hotsup"
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
-    for name in ("control", "workers"):
-        mode = (run / name).stat()
-        assert stat.S_ISSOCK(mode.st_mode), name
-        assert stat.S_IMODE(mode.st_mode) & 0o077 == 0, (name, oct(mode.st_mode))
+    mode = (run / "control").stat()
+    assert stat.S_ISSOCK(mode.st_mode)
+    assert stat.S_IMODE(mode.st_mode) & 0o077 == 0, oct(mode.st_mode)
     assert stat.S_IMODE((run / "lock").stat().st_mode) == 0o600
+    # Workers have no socket to find by path: each was handed its channel.
+    sockets = [p.name for p in run.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert sockets == ["control"]
 
 
 def _nobody() -> int | None:
@@ -424,22 +426,6 @@ def test_the_cli_refuses_a_run_dir_open_to_others(hotsup: MakeHotsup) -> None:
                                        f"755); a supervisor makes it 0700")
     finally:
         os.chmod(run, 0o700)
-
-
-def test_a_peer_without_a_token_cannot_speak_for_a_worker(hotsup: MakeHotsup) -> None:
-    sup, port = start_counter(hotsup)
-    zctx = zmq.Context()
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(f"ipc://{sup.root / '.hotsup' / 'workers'}")
-        header = {"v": 1, "op": "reply", "id": 1, "ok": True, "token": "guessed"}
-        sock.send_multipart([json.dumps(header).encode()])
-        sup.wait_log(r"dropped a 'reply' message with a wrong token")
-    finally:
-        sock.close()
-        zctx.term()
-    assert request(port, "get").startswith("count=0 generation=1")
 
 
 BROKEN_CONFIGS: dict[str, tuple[str, str, str]] = {

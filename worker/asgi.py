@@ -111,7 +111,7 @@ class AsgiBundle:
         return bundle
 
     async def start(self) -> None:
-        listener = HttpListener(self.socket, self.ctx.sockets[self.socket], self.ctx.log,
+        listener = HttpListener(self.socket, self.ctx.listening(self.socket), self.ctx.log,
                                 self.config, self.lifespan.state, self.ctx.accepting)
         self.ctx.listeners.append(listener)
 

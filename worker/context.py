@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
 
 from .listener import ClientCallback, Listener, StreamsListener
+from .protocol import BACKLOG
+
+
+class BundleSocket(socket.socket):
+    """A bundle's own copy (a dup) of a shared listening socket: ``ctx.sockets``.
+
+    ``close()`` it at will: the runtime accepts on a copy of its own, and the
+    supervisor and the other generations keep theirs. ``shutdown()`` is
+    refused (OSError EPERM): a dup shares the open file description, so a
+    shutdown would reset every queued connection of every holder and refuse
+    the port for good. ``listen()`` keeps the shared backlog whatever it is
+    given (a smaller one would shrink the queue for every holder).
+
+    This guards against mistakes, not malice: code that takes the raw fd
+    (``fileno()``) can still make any system call on it.
+    """
+
+    def shutdown(self, how: int) -> None:
+        raise OSError(errno.EPERM, "hotsup: shutdown() of a shared listening socket would "
+                      "reset every queued connection of every process holding it; close() it "
+                      "instead")
+
+    def listen(self, backlog: int = BACKLOG) -> None:
+        super().listen(BACKLOG)
 
 
 class BundleContext:
     """What a bundle knows of its surroundings.
 
     ``name``, ``generation`` (1 for the first), ``settings`` (the bundle's
-    ``[settings]`` table), ``sockets`` (name -> listening socket, shared with
-    the supervisor: close it if you like, never ``shutdown()`` it), ``log`` (a
+    ``[settings]`` table), ``sockets`` (name -> a ``BundleSocket``: the
+    bundle's own dup of the listening socket, which it may close and cannot
+    ``shutdown()``), ``log`` (a
     logger whose records reach the supervisor tagged ``name@generation``),
     ``path`` (the bundle directory) and ``serve()``.
     """
@@ -32,13 +59,27 @@ class BundleContext:
         self.name = name
         self.generation = generation
         self.settings = settings
-        self.sockets = sockets
+        self._listening = sockets  # the runtime's: the bundle never sees these objects
+        self.sockets: dict[str, socket.socket] = {
+            name: BundleSocket(fileno=os.dup(sock.fileno())) for name, sock in sockets.items()
+        }
         self.path = path
         self.log = log
         self.listeners: list[Listener] = []
         #: Whether the runtime lets listeners accept: not before start()
         #: succeeded, not while paused for a hand-over, not once retiring.
         self.accepting = False
+
+    def listening(self, socket_name: str) -> socket.socket:
+        """The runtime's own copy of a listening socket (for the runtime's
+        listeners; a bundle uses ``sockets``). KeyError naming the sockets."""
+        try:
+            return self._listening[socket_name]
+        except KeyError:
+            known = ", ".join(sorted(self._listening)) or "none"
+            raise KeyError(
+                f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
+            ) from None
 
     def serve(self, socket_name: str, client_connected_cb: ClientCallback) -> Listener:
         """Serve ``client_connected_cb(reader, writer)`` on the named socket.
@@ -51,13 +92,7 @@ class BundleContext:
         no connection when it is upgraded. The result may be awaited
         (``await ctx.serve(...)``) or not.
         """
-        try:
-            sock = self.sockets[socket_name]
-        except KeyError:
-            known = ", ".join(sorted(self.sockets)) or "none"
-            raise KeyError(
-                f"bundle {self.name!r} has no socket {socket_name!r} (declared: {known})"
-            ) from None
+        sock = self.listening(socket_name)
         listener = StreamsListener(socket_name, sock, client_connected_cb, self.log,
                                    accepting=self.accepting)
         self.listeners.append(listener)

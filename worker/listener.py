@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+#: accept() errors after which a socket will never accept again.
+_BROKEN = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 #: Connections accepted per readiness callback, so one busy socket cannot starve
 #: the loop (and a pause request waits at most one batch).
@@ -55,6 +59,7 @@ class Listener:
         self._accepting = False  # what the runtime asked for
         self._reading = False  # whether our reader is installed right now
         self._retry: asyncio.TimerHandle | None = None
+        self._broken = False  # the socket can never accept again (see _on_readable)
         # The socket is shared: O_NONBLOCK lives on the open file description,
         # which the supervisor already made non-blocking for every holder.
         self._sock.setblocking(False)
@@ -86,6 +91,8 @@ class Listener:
         self._set_reading(True)
 
     def _set_reading(self, on: bool) -> None:
+        if on and (self._broken or self._sock.fileno() < 0):
+            return  # nothing to read: add_reader(-1) would raise
         if on and not self._reading:
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
         elif not on and self._reading:
@@ -129,6 +136,15 @@ class Listener:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
+                if exc.errno in _BROKEN:
+                    # Our copy is closed, or the socket no longer listens
+                    # (someone shutdown() it): it will never accept again, and
+                    # a level-triggered reader would spin on it. Stop, once.
+                    self._log.error("socket %r cannot accept any more (%s): this generation "
+                                    "serves no new connection on it", self.name, exc)
+                    self.pause()
+                    self._broken = True
+                    return
                 # EMFILE and friends: leave the connection queued in the backlog
                 # and try again shortly, rather than spinning on a readable fd.
                 self._log.error("accept on socket %r failed: %s", self.name, exc)

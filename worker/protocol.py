@@ -6,15 +6,18 @@ pulls in supervisor code. Two channels:
 * **zygote channel**: a ``SOCK_SEQPACKET`` socketpair between the supervisor and
   the zygote. Each message is one JSON object; a ``spawn`` request carries the
   worker's file descriptors by ``SCM_RIGHTS`` in the same packet, in the order
-  ``[log_pipe, *sockets]``. Replies: ``spawned`` (with the pid) or ``error``;
-  unprompted: ``exited`` with a worker's wait status, once the zygote reaped it.
+  ``[log_pipe, channel, *sockets]``, and nothing else: the zygote never sees a
+  bundle's spec (its settings may hold secrets, and every child forked later
+  would carry a copy). Replies: ``spawned`` (with the pid) or ``error``;
+  unprompted: ``exited`` with a worker's wait status, once the zygote reaped it
+  (and killed the rest of its process group).
 
-* **worker channel**: ZeroMQ, a ROUTER in the supervisor and one DEALER per
-  worker, over ``ipc://<run_dir>/workers``. A message is ``[header, payload?]``:
-  the header a JSON object with ``v`` (protocol version) and ``op``, the payload
-  optional opaque bytes (a pickled snapshot). Every message a worker sends
-  carries its per-generation ``token``; the supervisor drops any message whose
-  token does not match the generation it claims to be.
+* **worker channel** (``channel``): a ``SOCK_SEQPACKET`` socketpair per worker,
+  made by the supervisor, its worker end handed over at fork. A message is a
+  header, a JSON object with ``v`` (protocol version) and ``op``, with an
+  optional payload (opaque bytes: a pickled snapshot) and fds. The first
+  message, queued by the supervisor before the spawn, is ``spec`` (payload: the
+  ``SpawnSpec`` as JSON).
 
 Worker -> supervisor: ``loaded`` (entry imported and constructed, with the hooks
 it has), ``failed`` (it could not load; ``error`` says why), ``reply`` (to a
@@ -45,7 +48,7 @@ PROTOCOL_VERSION: Final = 1
 #: shared socket would shrink it for every holder.
 BACKLOG: Final = 1024
 
-#: The largest message the supervisor's ROUTER accepts from a worker (bytes).
+#: The largest payload either end of a worker channel accepts (bytes).
 MAX_WORKER_MESSAGE: Final = 256 * 1024 * 1024
 
 #: The largest packet on the zygote channel.
@@ -57,6 +60,7 @@ EXIT_LOAD_ERROR: Final = 4
 EXIT_SUPERVISOR_GONE: Final = 5
 
 # Worker channel operations.
+OP_SPEC: Final = "spec"
 OP_LOADED: Final = "loaded"
 OP_FAILED: Final = "failed"
 OP_REPLY: Final = "reply"
@@ -83,8 +87,6 @@ class SpawnSpec(TypedDict):
 
     bundle: str
     generation: int
-    token: str
-    endpoint: str
     path: str
     entry: str
     kind: str
@@ -94,6 +96,9 @@ class SpawnSpec(TypedDict):
     socket_names: list[str]
     log_level: str
     multiprocessing_logging: bool
+    #: Drop to this uid/gid after fork (``user``/``group`` in bundle.toml), or stay.
+    uid: int | None
+    gid: int | None
 
 
 def encode(header: dict[str, Any], payload: bytes | None = None) -> list[bytes]:

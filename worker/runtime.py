@@ -1,15 +1,24 @@
 """One worker: one generation of one bundle, from import to exit.
 
-Runs in a process forked from the zygote, after the zygote reset signals and
-pointed stdout and stderr at the worker's log pipe. It creates its own event
-loop and its own zmq context (nothing of the zygote's is reused), imports the
-bundle's entry from source, reports ``loaded`` over the worker channel and then
-obeys the supervisor's requests until it is retired or the supervisor is gone.
+Runs in a process forked from the zygote, after the zygote reset signals,
+closed every fd not the worker's own and pointed stdout and stderr at the
+worker's log pipe. It creates its own event loop (nothing of the zygote's is
+reused; it needs no zmq context at all), imports the bundle's entry from
+source, reports ``loaded`` over its channel (``channel``: the socketpair it was
+handed at fork) and then obeys the supervisor's requests until it is retired
+or the supervisor is gone (EOF on the lifeline or on the channel).
+
+A request handler gets ``(header, payload, fds)``: the fds that came with the
+request are lent to it and closed when it returns (``os.dup`` one to keep it).
+It returns None, a dict (merged into the reply), bytes (the reply's payload),
+a ``(dict | bytes, fds)`` pair or a ``Reply``; fds returned are sent and then
+closed: the handler gives them away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -23,16 +32,16 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvloop
-import zmq
-import zmq.asyncio
 
 # asgi imports uvicorn: here, so the zygote has it loaded for every worker.
 from . import asgi, importer
+from . import channel as wire
 from . import protocol as P
 from .context import BundleContext
 
@@ -50,15 +59,15 @@ def prepare(lifeline: int) -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int,
-        loop: asyncio.AbstractEventLoop) -> int:
+def run(spec: P.SpawnSpec, sockets: dict[str, socket.socket], channel: socket.socket,
+        lifeline: int, loop: asyncio.AbstractEventLoop) -> int:
     """Run the worker (``prepare``d) to its end and return its exit code."""
     path = Path(spec["path"])
     sys.argv = [f"hotsup:{spec['bundle']}@{spec['generation']}"]  # not the zygote's arguments
     importer.install(path)
     log = _setup_logging(spec)
     try:
-        return loop.run_until_complete(_main(spec, sockets, lifeline, log))
+        return loop.run_until_complete(_main(spec, sockets, channel, lifeline, log))
     finally:
         loop.close()
         logging.shutdown()
@@ -80,10 +89,9 @@ def _start_watchdog(lifeline: int) -> None:
     threading.Thread(target=watch, name="hotsup-watchdog", daemon=True).start()
 
 
-async def _main(
-    spec: P.SpawnSpec, sockets: dict[str, socket.socket], lifeline: int, log: logging.Logger
-) -> int:
-    return await Worker(spec, sockets, lifeline, log).run()
+async def _main(spec: P.SpawnSpec, sockets: dict[str, socket.socket], channel: socket.socket,
+                lifeline: int, log: logging.Logger) -> int:
+    return await Worker(spec, sockets, channel, lifeline, log).run()
 
 
 class _JsonLineHandler(logging.Handler):
@@ -141,6 +149,7 @@ class Worker:
         self,
         spec: P.SpawnSpec,
         sockets: dict[str, socket.socket],
+        channel: socket.socket,
         lifeline: int,
         log: logging.Logger,
     ) -> None:
@@ -153,10 +162,11 @@ class Worker:
         )
         self.bundle: Any = None
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._zctx = zmq.asyncio.Context()
-        self._chan = self._zctx.socket(zmq.DEALER)
+        self._loaded = asyncio.Event()  # requests wait for the bundle to exist
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handlers: dict[str, Callable[[dict[str, Any], bytes | None], Any]] = {
+        self._chan = wire.Channel(channel, self._on_message,
+                                  wire.RateLimitedLog(log), on_closed=self._on_channel_closed)
+        self._handlers: dict[str, Handler] = {
             P.OP_START: self._start,
             P.OP_PAUSE: self._pause,
             P.OP_RESUME: self._resume,
@@ -168,8 +178,6 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._chan.setsockopt(zmq.LINGER, 2000)
-        self._chan.connect(self.spec["endpoint"])
         # The supervisor holds the only write end of the lifeline pipe: EOF on
         # it means the supervisor is gone (even SIGKILLed), and so must we be.
         loop.add_reader(self.lifeline, self._on_lifeline)
@@ -181,8 +189,9 @@ class Worker:
                 listener.pause()
             for task in self._tasks:
                 task.cancel()
+            # What we sent is queued on the supervisor's side already; closing
+            # our end loses none of it.
             self._chan.close()
-            self._zctx.term()
         return code
 
     async def _serve(self) -> int:
@@ -195,12 +204,8 @@ class Worker:
             return P.EXIT_LOAD_ERROR
         hooks = {name: callable(getattr(self.bundle, name, None)) for name in _HOOKS}
         await self._send({"op": P.OP_LOADED, "hooks": hooks, "pid": os.getpid()})
-        receiver = asyncio.ensure_future(self._receive())
-        try:
-            return await self.done
-        finally:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
+        self._loaded.set()
+        return await self.done
 
     async def _load(self) -> Any:
         """Import the entry and make the bundle: step 1 of a swap, before ``loaded``.
@@ -224,39 +229,40 @@ class Worker:
             raise TypeError(f"{self.spec['entry']} made {bundle!r}, which has no start() method")
         return bundle
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._chan.recv_multipart()
-            try:
-                header, payload = P.decode(frames)
-            except P.ProtocolError as exc:
-                self.log.warning("dropped a malformed message from the supervisor: %s", exc)
-                continue
-            # Pings are answered even while a long request (start()) runs; the
-            # other requests run one at a time, in the order they arrived.
-            serial = header["op"] != P.OP_PING
-            task = asyncio.ensure_future(self._answer_in_turn(header, payload, serial))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _on_message(self, message: wire.Message) -> None:
+        # Pings are answered even while a long request (start()) runs; the
+        # other requests run one at a time, in the order they arrived.
+        serial = message.header["op"] != P.OP_PING
+        task = asyncio.ensure_future(self._answer_in_turn(message, serial))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _answer_in_turn(
-        self, header: dict[str, Any], payload: bytes | None, serial: bool
-    ) -> None:
-        if not serial:
-            await self._answer(header, payload)
-            return
-        async with self._serial:
-            await self._answer(header, payload)
+    def _on_channel_closed(self) -> None:
+        if not self.done.done():  # the supervisor's end is gone: so is the supervisor
+            self.log.warning("the supervisor closed the channel; exiting")
+            self.done.set_result(P.EXIT_SUPERVISOR_GONE)
 
-    async def _answer(self, header: dict[str, Any], payload: bytes | None) -> None:
+    async def _answer_in_turn(self, message: wire.Message, serial: bool) -> None:
+        try:
+            await self._loaded.wait()
+            if not serial:
+                await self._answer(message)
+                return
+            async with self._serial:
+                await self._answer(message)
+        finally:
+            wire.close_fds(message.fds)  # lent to the handler, which has returned
+
+    async def _answer(self, message: wire.Message) -> None:
+        header = message.header
         handler = self._handlers.get(header["op"])
         reply: dict[str, Any] = {"op": P.OP_REPLY, "id": header.get("id")}
-        data: bytes | None = None
+        result = Reply()
         if handler is None:
             reply.update(ok=False, error=f"unknown request {header['op']!r}")
         else:
             try:
-                result = await handler(header, payload)
+                result = _as_reply(await handler(header, message.payload, message.fds))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # a bundle's sys.exit() in start() is a failure too
@@ -266,24 +272,33 @@ class Worker:
                              error_type=type(exc).__name__)
             else:
                 reply["ok"] = True
-                if isinstance(result, bytes):
-                    data = result
-                elif isinstance(result, dict):
-                    reply.update(result)
-        await self._send(reply, data)
+                reply.update(result.fields)
+        try:
+            await self._send(reply, result.payload, result.fds)
+        finally:
+            wire.close_fds(result.fds)  # given away with the reply
         if header["op"] == P.OP_RETIRE and not self.done.done():
             self.done.set_result(P.EXIT_OK)
 
-    async def _send(self, header: dict[str, Any], payload: bytes | None = None) -> None:
-        await self._chan.send_multipart(P.encode({**header, "token": self.spec["token"]}, payload))
+    async def _send(self, header: dict[str, Any], payload: bytes | None = None,
+                    fds: Sequence[int] = ()) -> None:
+        # A traceback can be longer than a header may be: keep its end.
+        for key, room in (("detail", _MAX_DETAIL), ("error", _MAX_ERROR)):
+            text = header.get(key)
+            if isinstance(text, str) and len(text) > room:
+                header[key] = "..." + text[-room:]
+        # ConnectionError: the supervisor is gone; _on_channel_closed ends us.
+        with contextlib.suppress(ConnectionError):
+            await self._chan.send(header, payload, fds)
 
     # -- requests -------------------------------------------------------------
 
-    async def _start(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+    async def _start(self, header: dict[str, Any], payload: bytes | None,
+                     fds: Sequence[int]) -> dict[str, Any]:
         if payload is not None:
             # The snapshot came from the previous generation of this same
-            # bundle, relayed by the supervisor over the owner-only channel
-            # that this worker authenticated to.
+            # bundle (or its checkpoint), relayed by the supervisor over the
+            # channel it handed us at fork: nobody else holds its other end.
             state = pickle.loads(payload)
             await _maybe_await(self.bundle.restore(state))
         await _maybe_await(self.bundle.start())
@@ -295,7 +310,8 @@ class Worker:
                              "cannot pause this bundle, so a swap may drop its connections")
         return {"listeners": len(self.ctx.listeners)}
 
-    async def _pause(self, header: dict[str, Any], payload: bytes | None) -> bytes | dict[str, Any]:
+    async def _pause(self, header: dict[str, Any], payload: bytes | None,
+                     fds: Sequence[int]) -> bytes | dict[str, Any]:
         started = time.monotonic()
         self.ctx.accepting = False
         for listener in self.ctx.listeners:
@@ -310,18 +326,20 @@ class Worker:
             return self._take_snapshot(header)
         return {"quiesce_ms": (time.monotonic() - started) * 1000}
 
-    async def _resume(self, header: dict[str, Any], payload: bytes | None) -> None:
+    async def _resume(self, header: dict[str, Any], payload: bytes | None,
+                      fds: Sequence[int]) -> None:
         if payload is not None:  # a newer state than its own (a checkpoint of a successor)
             await _maybe_await(self.bundle.restore(pickle.loads(payload)))
         self.ctx.accepting = True
         for listener in self.ctx.listeners:
             listener.resume()
 
-    async def _snapshot(self, header: dict[str, Any], payload: bytes | None) -> bytes:
+    async def _snapshot(self, header: dict[str, Any], payload: bytes | None,
+                        fds: Sequence[int]) -> bytes:
         return self._take_snapshot(header)
 
-    async def _retire(self, header: dict[str, Any],
-                      payload: bytes | None) -> bytes | dict[str, Any]:
+    async def _retire(self, header: dict[str, Any], payload: bytes | None,
+                      fds: Sequence[int]) -> bytes | dict[str, Any]:
         self.ctx.accepting = False
         for listener in self.ctx.listeners:
             listener.pause()
@@ -344,7 +362,8 @@ class Worker:
             listener.close()
         return state if state is not None else {"cut": cut}
 
-    async def _ping(self, header: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+    async def _ping(self, header: dict[str, Any], payload: bytes | None,
+                    fds: Sequence[int]) -> dict[str, Any]:
         return {"pong": time.time()}
 
     # -- helpers --------------------------------------------------------------
@@ -383,6 +402,38 @@ class Worker:
 
 
 _HOOKS = ("snapshot", "restore", "stop")
+
+#: The most characters of a traceback (``detail``) and of an error in a reply
+#: header, which must stay within ``channel.MAX_HEADER``.
+_MAX_DETAIL = 32 * 1024
+_MAX_ERROR = 2 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a handler may return: ``fields`` go into the reply header,
+    ``payload`` is its payload, ``fds`` are sent with it and then closed."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None
+    fds: tuple[int, ...] = ()
+
+
+#: A request handler: ``(header, payload, fds) -> awaitable result`` (module docstring).
+Handler = Callable[[dict[str, Any], bytes | None, Sequence[int]], Any]
+
+
+def _as_reply(result: Any) -> Reply:
+    fds: tuple[int, ...] = ()
+    if isinstance(result, Reply):
+        return result
+    if isinstance(result, tuple):
+        result, fds = result[0], tuple(result[1])
+    if isinstance(result, bytes):
+        return Reply(payload=result, fds=fds)
+    if isinstance(result, dict):
+        return Reply(fields=result, fds=fds)
+    return Reply(fds=fds)
 
 
 class Busy(TimeoutError):

@@ -7,9 +7,14 @@ cross a fork). It imports the worker runtime, uvloop, zmq and the configured
 context, so a fork of it carries nothing that the child could misuse.
 
 It serves the supervisor on a ``SOCK_SEQPACKET`` socketpair (see
-``protocol``): each ``spawn`` request brings the worker's log pipe and
-listening sockets by ``SCM_RIGHTS``; the zygote forks, answers ``spawned`` with
-the pid, and later ``exited`` with the wait status once it reaped the worker.
+``protocol``): each ``spawn`` request brings the worker's log pipe, its end of
+its own channel to the supervisor and its listening sockets by ``SCM_RIGHTS``,
+and nothing else; the zygote forks, answers ``spawned`` with the pid, and
+later ``exited`` with the wait status once it reaped the worker (and killed
+what was left of its process group). The worker reads its spec from its
+channel: the zygote never holds a bundle's spec, so no child forked from it
+carries another's. Every child closes every fd that is not its own right
+after the fork.
 It watches its children with pidfds, not SIGCHLD, so there is no signal handler
 or wakeup fd for a child to inherit.
 
@@ -42,11 +47,15 @@ import uvloop  # noqa: F401
 import zmq
 import zmq.asyncio  # noqa: F401
 
+from . import channel as wire
+from . import credentials, runtime
 from . import protocol as P
-from . import runtime
 
 #: The most fds one spawn request may carry (a log pipe and the sockets).
 _MAX_FDS = 64
+
+#: Seconds a new worker waits for its spec, queued before it was forked.
+_SPEC_TIMEOUT = 10.0
 
 #: Signals whose disposition a worker must not inherit from the zygote.
 _RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
@@ -63,9 +72,12 @@ class Zygote:
     def serve(self) -> int:
         self.selector.register(self.channel, selectors.EVENT_READ, "channel")
         self.selector.register(self.lifeline, selectors.EVENT_READ, "lifeline")
-        self._fork_spare()
         try:
             while True:
+                if self.spare is None:
+                    # Forked here, between requests, never from inside one: no
+                    # frame of ours holds a request or its fds at the fork.
+                    self._fork_spare()
                 for key, _ in self.selector.select():
                     if key.data == "channel":
                         if not self._on_request():
@@ -96,7 +108,7 @@ class Zygote:
             request = P.unpack_zygote(data)
             if request["op"] != P.ZY_SPAWN:
                 raise P.ProtocolError(f"unknown zygote request {request['op']!r}")
-            pid = self._fork(request["spec"], fds)
+            pid = self._fork(fds)
         except Exception as exc:
             self._reply({"op": P.ZY_ERROR, "id": request.get("id"), "error": str(exc)})
         else:
@@ -104,28 +116,27 @@ class Zygote:
         finally:
             for fd in fds:
                 os.close(fd)
-        if self.spare is None:
-            # The next one, while this worker imports its bundle; only now
-            # that this request's sockets and log pipe are closed here.
-            self._fork_spare()
         return True
 
-    def _fork(self, spec: P.SpawnSpec, fds: list[int]) -> int:
-        if len(fds) != 1 + len(spec["socket_names"]):
-            raise P.ProtocolError(f"spawn carried {len(fds)} fds for {spec['socket_names']}")
-        pid = self._hand_to_spare(spec, fds)
+    def _fork(self, fds: list[int]) -> int:
+        """A worker for these fds (``[log_pipe, channel, *sockets]``): the spare,
+        or a child forked now. The spec is not ours to see: the worker reads it
+        from its channel."""
+        if len(fds) < 2:
+            raise P.ProtocolError(f"spawn carried {len(fds)} fds, not a log pipe and a channel")
+        pid = self._hand_to_spare(fds)
         if pid is not None:
             return pid
-        return self._fork_child(lambda: self._become_worker(spec, fds, self._detach()))
+        return self._fork_child(lambda: self._become_worker(fds, self._detach(fds)))
 
-    def _hand_to_spare(self, spec: P.SpawnSpec, fds: list[int]) -> int | None:
+    def _hand_to_spare(self, fds: list[int]) -> int | None:
         """Give the request to the waiting spare; its pid, or None if there is none."""
         spare, self.spare = self.spare, None
         if spare is None:
             return None
         pid, sock = spare
         try:
-            socket.send_fds(sock, [P.pack_zygote({"op": P.ZY_SPAWN, "spec": spec})], fds)
+            socket.send_fds(sock, [P.pack_zygote({"op": P.ZY_SPAWN})], fds)
         except OSError:  # it died meanwhile; its exit is reported as any child's
             return None
         finally:
@@ -135,7 +146,7 @@ class Zygote:
     def _fork_spare(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = self._fork_child(lambda: self._wait_as_spare(theirs, ours))
+            pid = self._fork_child(lambda: self._wait_as_spare(theirs))
         except OSError:
             ours.close()
             return  # no spare: the next spawn forks the usual way
@@ -143,9 +154,8 @@ class Zygote:
             theirs.close()
         self.spare = (pid, ours)
 
-    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> int:
-        zygote_end.close()
-        loop = self._detach()
+    def _wait_as_spare(self, sock: socket.socket) -> int:
+        loop = self._detach([sock.fileno()])
         _name_process("hotsup-spare")
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, P.MAX_ZYGOTE_MESSAGE, _MAX_FDS)
@@ -153,12 +163,11 @@ class Zygote:
             return 0
         finally:
             sock.close()
-        if not data:
-            return 0  # the zygote is done with us
         for fd in fds:
             os.set_inheritable(fd, False)
-        spec: P.SpawnSpec = P.unpack_zygote(data)["spec"]
-        return self._become_worker(spec, fds, loop)
+        if not data or len(fds) < 2:
+            return 0  # the zygote is done with us
+        return self._become_worker(fds, loop)
 
     def _drop_spare(self) -> None:
         spare, self.spare = self.spare, None
@@ -193,7 +202,7 @@ class Zygote:
         self.selector.register(pidfd, selectors.EVENT_READ, "child")
         return pid
 
-    def _detach(self) -> asyncio.AbstractEventLoop:
+    def _detach(self, keep: list[int]) -> asyncio.AbstractEventLoop:
         """In a new child: leave the zygote's group, signals and fds behind, and
         prepare what a worker needs whatever its bundle."""
         # Own process group: the supervisor stops a worker and whatever it
@@ -212,20 +221,33 @@ class Zygote:
             os.close(pidfd)
         if self.spare is not None:
             self.spare[1].close()
+        # And every other fd but ours: stdio, the lifeline and what this child
+        # was forked for. Whatever else the zygote (or a preloaded module) had
+        # open, another worker's included, must not reach bundle code.
+        _close_all_but({0, 1, 2, self.lifeline, *keep})
         return runtime.prepare(self.lifeline)
 
-    def _become_worker(self, spec: P.SpawnSpec, fds: list[int],
-                       loop: asyncio.AbstractEventLoop) -> int:
-        _name_process(f"{spec['bundle']}@{spec['generation']}")
-        log_fd, socket_fds = fds[0], fds[1:]
+    def _become_worker(self, fds: list[int], loop: asyncio.AbstractEventLoop) -> int:
+        log_fd, channel_fd, socket_fds = fds[0], fds[1], fds[2:]
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        sockets = {
-            name: socket.socket(fileno=fd)
-            for name, fd in zip(spec["socket_names"], socket_fds, strict=True)
-        }
-        return runtime.run(spec, sockets, self.lifeline, loop)
+        channel = socket.socket(fileno=channel_fd)
+        sockets = [socket.socket(fileno=fd) for fd in socket_fds]
+        # The supervisor queued the spec on the channel before asking for us.
+        message = wire.receive_blocking(channel, _SPEC_TIMEOUT)
+        if message is None:
+            return 0  # the supervisor gave the spawn up
+        wire.close_fds(message.fds)
+        spec = wire.decode_spec(message)
+        if len(spec["socket_names"]) != len(sockets):
+            raise P.ProtocolError(f"spawn carried {len(sockets)} sockets for "
+                                  f"{spec['socket_names']}")
+        _name_process(f"{spec['bundle']}@{spec['generation']}")
+        if spec["uid"] is not None and spec["gid"] is not None:
+            credentials.drop_to(spec["uid"], spec["gid"])
+        named = dict(zip(spec["socket_names"], sockets, strict=True))
+        return runtime.run(spec, named, channel, self.lifeline, loop)
 
     def _on_child_exit(self, pidfd: int) -> None:
         pid = self.children.pop(pidfd)
@@ -233,6 +255,13 @@ class Zygote:
             self.spare[1].close()
             self.spare = None
         self.selector.unregister(pidfd)
+        # Whatever the worker forked dies with it, before anyone counts its
+        # sockets as free: a child that ignores SIGTERM would otherwise live
+        # on, reparented to init, holding the listening socket. Now, while the
+        # worker is an unreaped zombie, its pid (the group's id) cannot have
+        # been reused, so this kills nothing but its own group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         self._reply({"op": P.ZY_EXITED, "pid": pid, "status": os.waitstatus_to_exitcode(status)})
@@ -241,6 +270,15 @@ class Zygote:
         # If the supervisor is gone, the lifeline ends us; nothing to report to.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.channel.send(P.pack_zygote(message))
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every fd of this process not in ``keep``."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed already
+                os.close(fd)
 
 
 def _name_process(name: str) -> None:
