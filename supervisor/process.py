@@ -80,7 +80,7 @@ class WorkerProcess:
             "bundle": self.spec.name, "generation": self.generation, "token": self.token,
             "endpoint": self._channel.endpoint, "path": str(self.spec.path),
             "entry": self.spec.entry, "kind": self.spec.kind, "factory": self.spec.factory,
-            "version": self.spec.version,
+            "threads": self.spec.threads, "version": self.spec.version,
             "settings": self.spec.settings, "socket_names": names, "log_level": log_level,
             "multiprocessing_logging": self.spec.multiprocessing_logging,
         }

@@ -37,8 +37,10 @@ from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, Config, misnamed
 from .control import MAX_WAIT, ControlError, ControlServer, Request
 from .logs import RING, LogSink, SinkHandler
+from .metrics import MetricsServer
+from .notify import Notifier, summarize
 from .process import WorkerProcess
-from .sockets import SocketRegistry
+from .sockets import SocketRegistry, systemd_sockets
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
 from .watcher import Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
@@ -137,6 +139,9 @@ class Supervisor:
             Status: self._on_status,
             Logs: self._on_logs,
         }
+        # Reads (and unsets) NOTIFY_SOCKET now, before any child could inherit it.
+        self._notifier = Notifier(lambda: summarize(
+            {name: runner.state.value for name, runner in self.runners.items()}))
 
     async def serve(self) -> int:
         """Run until shut down; 0 after a clean drain."""
@@ -161,8 +166,11 @@ class Supervisor:
             control = ControlServer(zctx, config.run_dir, self.submit)
             control.start()
             stack.push_async_callback(control.close)
+            stack.callback(self._notifier.close)
+            await self._start_metrics(stack)  # answers until the drain is done
             stack.push_async_callback(self._cancel_background)
-            sockets = SocketRegistry()
+            # systemd's sockets are taken (and LISTEN_* unset) before any child starts.
+            sockets = SocketRegistry(systemd_sockets())
             stack.callback(sockets.close_all)
             self._lifeline = life_r
             zygote = Zygote(config.preload, life_r)
@@ -186,6 +194,7 @@ class Supervisor:
             # its first await), so no edit made once a bundle serves is missed.
             await asyncio.sleep(0)
             self._rescan()
+            self._background(self._notifier.run())  # READY=1 once no bundle is starting
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while self._stopping is None:
@@ -200,6 +209,7 @@ class Supervisor:
             while not self.commands.empty():  # asked for after the shutdown: say so
                 _refuse(self.commands.get_nowait(),
                         ControlError("the supervisor is shutting down"))
+            self._notifier.stopping()
             log.info("shutting down (%s): draining every bundle", self._stopping)
         log.info("hotsup stopped")
         return 0
@@ -238,8 +248,11 @@ class Supervisor:
             if targets[0].stopped:
                 raise ControlError(f"{command.name} is stopped; `hotsup run {command.name}` "
                                    f"brings it back")
-        _reply_when_done([runner.reload() for runner in targets], command.reply,
-                         lambda reports: {"bundles": reports})
+        waiters = [runner.reload() for runner in targets]
+        if command.name is None and targets:  # SIGHUP (systemd's ExecReload): tell systemd
+            self._notifier.reloading()
+            asyncio.gather(*waiters).add_done_callback(lambda _: self._notifier.reloaded())
+        _reply_when_done(waiters, command.reply, lambda reports: {"bundles": reports})
 
     async def _on_stop(self, command: Stop) -> None:
         runner = self._runner(command.name)
@@ -382,6 +395,24 @@ class Supervisor:
             command.reply.set_result({"pid": os.getpid()})
 
     # -- helpers ------------------------------------------------------------------
+
+    async def _start_metrics(self, stack: contextlib.AsyncExitStack) -> None:
+        """``[supervisor] metrics``: /metrics, /healthz, /readyz (supervisor/metrics.py)."""
+        if self.config.metrics is None:
+            return
+        host, port = self.config.metrics
+        server = MetricsServer(host, port, self._metrics_view, lambda: self._stopping is not None)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise StartupError(f"{self.config.path}: supervisor.metrics: cannot bind "
+                               f"{host}:{port}: {exc.strerror or exc}") from None
+        stack.push_async_callback(server.close)
+
+    def _metrics_view(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        supervisor = {"uptime": time.monotonic() - self._started,
+                      "log_dropped": self.sink.dropped_output}
+        return supervisor, [runner.status() for _, runner in sorted(self.runners.items())]
 
     def _runner(self, name: str) -> BundleRunner:
         runner = self.runners.get(name)

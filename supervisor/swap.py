@@ -34,6 +34,8 @@ newest state, with backoff and OTP-style restart intensity.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import enum
 import logging
@@ -236,6 +238,10 @@ class BundleRunner:
         self._waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._down = False
         self._down_asked = asyncio.Event()
+        # -- kept for supervisor/metrics.py, which reads them through status() --
+        self.outcomes: collections.Counter[str] = collections.Counter()  # results of passes
+        self.swap_times = SwapTimes()  # durations of the swaps that served
+        self.checkpoint: tuple[int, float] | None = None  # (bytes, unix time) last written
 
     def start(self) -> None:
         """Start the bundle's loop; its first pass starts generation 1."""
@@ -300,6 +306,7 @@ class BundleRunner:
             outcome = Outcome(Result.FAILED, "the supervisor is shutting down")
             try:
                 outcome = await self._pass(force, pending)
+                self.outcomes[outcome.result.value] += 1
             except Exception:
                 self.log.exception("%s: internal error in the swap loop", self.name)
                 outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
@@ -382,6 +389,10 @@ class BundleRunner:
             "log_dropped": gen.process.log_dropped if gen else 0,
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
+            "outcomes": dict(self.outcomes),
+            "swap_ms": self.swap_times.as_dict(),
+            "checkpoint_bytes": self.checkpoint[0] if self.checkpoint else None,
+            "checkpoint_at": self.checkpoint[1] if self.checkpoint else None,
         }
 
     # -- the steps --------------------------------------------------------------
@@ -478,6 +489,7 @@ class BundleRunner:
         self.last_swap_at = time.time()
         self.last_swap_ms = (ready_at - started) * 1000
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
+        self.swap_times.add(self.last_swap_ms)
         mode = "hand-over" if paused_at is not None else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
                       self.last_swap_ms, mode, self.last_pause_ms)
@@ -728,6 +740,7 @@ class BundleRunner:
         except CheckpointError as exc:  # kept in memory: a crash restart still has it
             self.log.error("%s: checkpoint not written: %s", gen.tag, exc)
             return
+        self.checkpoint = (saved.size, time.time())
         self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", gen.tag, saved.size,
                        saved.duration * 1000)
 
@@ -847,6 +860,32 @@ class BundleRunner:
         self.state = state
         self.log.error("%s: %s", self.name, message)
         return Outcome(result, message)
+
+
+class SwapTimes:
+    """A histogram of swap durations for metrics: cumulative counts per bucket.
+
+    ``SWAP_MS_BUCKETS`` are the upper bounds in ms; a last count (+Inf) is
+    every swap. Constant size, whatever the number of swaps.
+    """
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(SWAP_MS_BUCKETS) + 1)
+        self.sum_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.sum_ms += ms
+        for i in range(bisect.bisect_left(SWAP_MS_BUCKETS, ms), len(self.counts)):
+            self.counts[i] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"le": list(SWAP_MS_BUCKETS), "counts": list(self.counts),
+                "sum": round(self.sum_ms, 3)}
+
+
+#: Upper bounds (ms) of the swap-duration buckets status() carries.
+SWAP_MS_BUCKETS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                   10000.0)
 
 
 def _round(value: float | None) -> float | None:
