@@ -8,29 +8,37 @@ hooks of the entry's module, so the swap guarantees are the asgi ones. What
 is WSGI's own:
 
 * the callable runs in a2wsgi's thread pool, ``threads`` (bundle.toml) at
-  once; a request waits for a free thread. The ASGI call awaits its thread, so
-  a request is in flight until the callable returned and its body was sent:
-  a pause's snapshot, and a retirement's drain, wait for it;
+  once; a request waits for a free thread. A call is in flight until it
+  returned and its body was sent, even if its client left meanwhile (a thread
+  cannot be stopped, and it may still change the state): ``RunningCalls``
+  counts them beside the connections, so a pause's snapshot and a
+  retirement's drain wait for them too;
 * ``stop()`` (at retirement, after the drain) shuts the pool down and waits up
   to POOL_DRAIN seconds for a call still running (one whose client was cut
   at drain_timeout); after that the worker exits anyway, which ends the thread;
 * a2wsgi answers the lifespan protocol itself (nothing to start); Flask's and
   Django's set-up happens at import, in step 1 of a swap, while the old
   generation still serves;
-* ``factory = true``: the entry is called with no arguments to make the callable.
+* ``factory = true``: the entry is called with no arguments to make the callable;
+* every request's environ has the bundle's ctx as ``environ["hotsup"]`` (what an
+  asgi app finds in ``scope["state"]["hotsup"]``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi_typing import Environ, StartResponse, WSGIApp
 
 from . import importer
-from .asgi import AsgiBundle
+from .asgi import AsgiBundle, socket_name
 from .context import BundleContext
+from .lifespan import Message
+from .listener import Listener
 
 #: Seconds ``stop()`` waits for WSGI calls still running when the pool shuts down.
 POOL_DRAIN = 2.0
@@ -40,8 +48,14 @@ class WsgiBundle(AsgiBundle):
     """One generation of a wsgi bundle: an ``AsgiBundle`` over a2wsgi's middleware."""
 
     def __init__(self, ctx: BundleContext, middleware: WSGIMiddleware, module: Any) -> None:
-        super().__init__(ctx, middleware, module)
+        name = socket_name(ctx.sockets)
+        self.calls = RunningCalls(name, ctx.sockets[name], ctx.log)
+        super().__init__(ctx, self.calls.tracking(middleware), module)
         self.middleware = middleware
+
+    async def start(self) -> None:
+        await super().start()
+        self.ctx.listeners.append(self.calls)
 
     @classmethod
     async def load_wsgi(cls, ctx: BundleContext, entry: str, factory: bool,
@@ -53,7 +67,7 @@ class WsgiBundle(AsgiBundle):
         if not callable(app):
             made = f"{entry}() returned" if factory else f"{entry} is"
             raise TypeError(f"{made} {app!r}, which is not a WSGI application")
-        bundle = cls(ctx, WSGIMiddleware(app, workers=threads), module)
+        bundle = cls(ctx, WSGIMiddleware(_with_ctx(app, ctx), workers=threads), module)
         await bundle.lifespan.startup()
         return bundle
 
@@ -68,3 +82,55 @@ class WsgiBundle(AsgiBundle):
         except TimeoutError:
             self.ctx.log.warning("a WSGI call still runs %gs after the drain; exiting "
                                  "without it", POOL_DRAIN)
+
+
+def _with_ctx(app: WSGIApp, ctx: BundleContext) -> WSGIApp:
+    """``app`` with the bundle's ctx in every environ, as ``environ["hotsup"]``."""
+
+    def call(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        environ["hotsup"] = ctx  # type: ignore[typeddict-unknown-key]
+        return app(environ, start_response)
+
+    return call
+
+
+class RunningCalls(Listener):
+    """The app calls in flight, for the runtime's pause and drain (which wait
+    until every listener is idle). Accepts nothing: the HTTP listener does.
+
+    Counted on the event loop around the whole ASGI call, which a2wsgi ends
+    only once the WSGI callable returned in its thread and the body was sent:
+    exact at the moment the runtime looks, whatever the threads are doing.
+    """
+
+    def __init__(self, name: str, sock: Any, log: Any) -> None:
+        self._running = 0
+        super().__init__(f"{name} (WSGI calls)", sock, log, accepting=False)
+
+    @property
+    def inflight(self) -> int:
+        return self._running
+
+    def _set_reading(self, on: bool) -> None:
+        self._reading = on  # nothing to accept: the socket is the HTTP listener's
+
+    def close(self) -> None:
+        self.pause()  # the socket is the HTTP listener's to close
+
+    def tracking(self, app: Any) -> Any:
+        """``app`` (ASGI), counted while each of its http calls runs."""
+
+        async def counted(scope: Message, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            self._running += 1
+            self._idle.clear()
+            try:
+                await app(scope, receive, send)
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+
+        return counted
