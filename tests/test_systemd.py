@@ -9,6 +9,7 @@ under systemd.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -50,13 +51,18 @@ class Activated(Hotsup):
     port = 0
 
     def start(self, env: dict[str, str] | None = None) -> Activated:
+        """Like systemd, systemd-socket-activate gives its child only a few
+        variables (PATH, HOME, TERM, LISTEN_*): what ``env`` adds to ours
+        goes with -E."""
         assert ACTIVATE is not None
+        extra = [f"-E{key}={value}" for key, value in (env or {}).items()
+                 if os.environ.get(key) != value]
         command = [ACTIVATE, f"--fdname={self.fdname}", "-l", f"127.0.0.1:{self.port}",
-                   *hotsup_command(self.config)]
+                   *extra, *hotsup_command(self.config)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=env)
+                                         start_new_session=True)
         return self
 
 
@@ -70,12 +76,12 @@ def activated(hotsup: MakeHotsup, port: int, fdname: str = "main") -> Activated:
     return sup
 
 
-def write_counter(sup: Hotsup, name: str, tag: str, bind: str) -> Path:
+def write_counter(sup: Hotsup, name: str, tag: str, bind: str, start: str = "pass") -> Path:
     directory = sup.bundles / name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bundle.toml").write_text(
         f'entry = "counter:Counter"\nprobation = 0\n[sockets.main]\nbind = "{bind}"\n')
-    (directory / "counter.py").write_text(counter_source(tag))
+    (directory / "counter.py").write_text(counter_source(tag, start=start))
     return directory
 
 
@@ -108,6 +114,29 @@ def test_a_swap_under_load_on_a_socket_systemd_passed_refuses_nothing(
 
 
 @needs_activate
+def test_a_systemd_socket_outlives_its_bundle(hotsup: MakeHotsup) -> None:
+    """Removed, the bundle releases systemd's socket but the supervisor keeps
+    it (systemd passes it only at start): a bundle added later serves on it,
+    and the connection that waited meanwhile is served."""
+    port = free_port()
+    sup = activated(hotsup, port)
+    bundle = write_counter(sup, "counter", "v0", "systemd:main")
+    sup.start()
+    wait_for(lambda: _listening(port), what="systemd-socket-activate listening")
+    assert request(port, "get").startswith("count=0")
+    moved = sup.root / "counter.away"
+    bundle.rename(moved)
+    sup.wait_log(r"counter: released systemd:main")
+    sup.wait_log(r"counter@1: retired")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as waiting:
+        waiting.sendall(b"get\n")  # queued in the backlog: nobody accepts now
+        moved.rename(sup.bundles / "again")
+        sup.wait_log(r"again@1: serving")
+        assert waiting.recv(100).startswith(b"count=0 generation=1")
+    assert sup.stop() == 0
+
+
+@needs_activate
 def test_the_activation_variables_do_not_reach_the_bundles(hotsup: MakeHotsup) -> None:
     port = free_port()
     sup = activated(hotsup, port)
@@ -124,6 +153,7 @@ def test_the_activation_variables_do_not_reach_the_bundles(hotsup: MakeHotsup) -
     wait_for(lambda: _listening(port), what="systemd-socket-activate listening")
     assert request(port, "get").startswith("count=0")
     assert "env: []" in sup.wait_log(r"env: \[.*\]")
+    assert "sd_notify to" in sup.log()  # NOTIFY_SOCKET did reach the supervisor
     assert sup.stop() == 0
 
 
@@ -226,7 +256,8 @@ def test_sd_notify_ready_reloading_ready_stopping(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     notify = NotifySocket(sup.root / "notify")
     port = free_port()
-    write_counter(sup, "counter", "v0", f"127.0.0.1:{port}")
+    # A start() that takes a while: READY must wait for it.
+    write_counter(sup, "counter", "v0", f"127.0.0.1:{port}", start="await asyncio.sleep(0.5)")
     broken = sup.bundles / "broken"
     broken.mkdir()
     (broken / "bundle.toml").write_text('entry = "nothere:X"\n')
@@ -244,7 +275,9 @@ def test_sd_notify_ready_reloading_ready_stopping(hotsup: MakeHotsup) -> None:
         assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 30_000_000
         again = notify.next("READY")
         assert again["READY"] == "1"
-        sup.wait_log(r"counter@2: swapped from counter@1")
+        # Only once the reload is over: the new generation serves.
+        bundles = json.loads(sup.cli("status", "--json").stdout)["bundles"]
+        assert [b["generation"] for b in bundles if b["name"] == "counter"] == [2], bundles
         assert sup.stop() == 0
         stopping = notify.next("STOPPING")
         assert stopping["STOPPING"] == "1"
