@@ -55,6 +55,7 @@ class WsgiBundle(AsgiBundle):
 
     async def start(self) -> None:
         await super().start()
+        self.calls.http = self.ctx.listeners[-1]  # the HTTP listener AsgiBundle.start() made
         self.ctx.listeners.append(self.calls)
 
     @classmethod
@@ -105,7 +106,26 @@ class RunningCalls(Listener):
 
     def __init__(self, name: str, sock: Any, log: Any) -> None:
         self._running = 0
+        self.http: Listener | None = None
         super().__init__(f"{name} (WSGI calls)", sock, log, accepting=False)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Idle once no call runs, and the HTTP listener is idle again after one
+        more turn of the loop.
+
+        Why the turn: uvloop accepts a connection in its I/O callback but calls
+        the protocol's ``connection_made`` later (``call_soon``). A connection
+        accepted just before the pause is not yet counted when the runtime
+        asks the HTTP listener (before this one) whether it is idle; once
+        counted it is ended gracefully, but may carry one more request, which
+        must be answered before the snapshot, not after (the state would fork).
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        await asyncio.sleep(0)  # every connection_made already scheduled runs first
+        if self.http is not None and not await self.http.wait_idle(timeout):
+            return False
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        return await super().wait_idle(left)
 
     @property
     def inflight(self) -> int:
