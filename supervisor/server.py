@@ -251,7 +251,8 @@ class Supervisor:
         waiters = [runner.reload() for runner in targets]
         if command.name is None and targets:  # SIGHUP (systemd's ExecReload): tell systemd
             self._notifier.reloading()
-            asyncio.gather(*waiters).add_done_callback(lambda _: self._notifier.reloaded())
+            asyncio.gather(*waiters, return_exceptions=True).add_done_callback(
+                lambda _: self._notifier.reloaded())
         _reply_when_done(waiters, command.reply, lambda reports: {"bundles": reports})
 
     async def _on_stop(self, command: Stop) -> None:
