@@ -74,7 +74,7 @@ def replay_copies(root: Path) -> tuple[Path, list[str]]:
                 assert origin.exists(), f"Dockerfile: COPY {source}: not in the repository"
                 if origin.is_dir():
                     shutil.copytree(origin, target, dirs_exist_ok=True,
-                                    ignore=shutil.ignore_patterns("__pycache__", ".hotsup"))
+                                    ignore=shutil.ignore_patterns(*dockerignored()))
                 elif dest.endswith("/") or len(sources) > 1:
                     target.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(origin, target / origin.name)
@@ -82,6 +82,13 @@ def replay_copies(root: Path) -> tuple[Path, list[str]]:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(origin, target)
     return workdir, runs
+
+
+def dockerignored() -> list[str]:
+    """.dockerignore's patterns, as names to leave out at any depth."""
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [line.strip().removeprefix("**/") for line in lines
+            if line.strip() and not line.startswith("#")]
 
 
 def hotsup_check(config: Path) -> subprocess.CompletedProcess[str]:
