@@ -60,6 +60,9 @@ def bump(path, generation):
             mine = count
         if path == "/wait":  # concurrency probe: several of these at once
             time.sleep(0.3)
+        if path == "/stuck":  # a call that outlives any drain
+            print("stuck request accepted", flush=True)
+            time.sleep(60)
         return f"count={{mine}} generation={{generation}} tag={{TAG}} most={{most}}\\n"
     finally:
         with lock:
@@ -232,6 +235,24 @@ def test_a_swap_waits_for_a_call_whose_client_left(hotsup: MakeHotsup) -> None:
     body = get(port, "/incr")[1]
     assert body.startswith("count=2 generation=2 tag=v1"), body
     assert sup.stop() == 0
+
+
+def test_a_call_that_outlives_the_drain_does_not_hold_the_exit(hotsup: MakeHotsup) -> None:
+    """drain_timeout cuts its connection; the pool then gets POOL_DRAIN seconds,
+    and the worker exits without the thread: the shut-down is bounded."""
+    sup, port, _ = start_wsgi(hotsup, PLAIN, extra="drain_timeout = 0.5")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/stuck")
+    sup.wait_log(r"stuck request accepted")
+    began = time.monotonic()
+    assert sup.stop() == 0
+    took = time.monotonic() - began
+    conn.close()
+    assert took < 15, took  # not the call's 60 s
+    log = sup.log()
+    assert "drain_timeout (0.5s) passed: cut 1 connection(s)" in log
+    assert "a WSGI call still runs 2s after the drain; exiting without it" in log
+    assert not sup.leftovers()
 
 
 def test_a_wsgi_entry_that_is_not_callable_fails_the_load(hotsup: MakeHotsup) -> None:
