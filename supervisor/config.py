@@ -696,6 +696,12 @@ def check(config_path: Path) -> list[str]:
             if other != name:
                 problems.append(f"{source.manifest}: sockets.{sock.name}.bind: {sock.bind} is "
                                 f"already used by bundle {other!r}")
+    if config.metrics is not None and config.metrics[1] != 0:
+        host, port = config.metrics
+        user = owners.get(f"tcp:{host}:{port}")
+        if user is not None:
+            problems.append(f"{config.path}: supervisor.metrics: {host}:{port} is also a "
+                            f"socket of bundle {user!r}")
     return problems
 
 

@@ -195,3 +195,17 @@ def _answer(port: int) -> bytes:
                 break
             data += chunk
         return data
+
+
+def test_check_reports_a_metrics_address_a_bundle_binds(tmp_path: Path) -> None:
+    port = free_port()
+    sup = Hotsup(tmp_path, f'metrics = "127.0.0.1:{port}"\n')
+    directory = sup.bundles / "counter"
+    directory.mkdir()
+    (directory / "bundle.toml").write_text(
+        f'entry = "counter:Counter"\n[sockets.main]\nbind = "127.0.0.1:{port}"\n')
+    (directory / "counter.py").write_text(counter_source("v0"))
+    result = sup.cli("check", str(sup.config))
+    assert result.returncode == 1
+    assert (f"{sup.config}: supervisor.metrics: 127.0.0.1:{port} is also a socket of "
+            "bundle 'counter'") in result.stderr, result.stderr
