@@ -33,7 +33,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _ENTRY = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-_KINDS = ("service", "asgi")
+_KINDS = ("service", "asgi", "wsgi")
+#: What systemd allows in a FileDescriptorName= (sd_listen_fds_with_names(3)).
+_FDNAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
+#: A wsgi bundle's thread pool: a2wsgi's default, and a bound on what one worker runs.
+DEFAULT_THREADS = 10
+MAX_THREADS = 256
 
 
 class ConfigError(Exception):
@@ -67,18 +72,27 @@ class Timing:
 
 @dataclass(frozen=True)
 class SocketSpec:
-    """A named listening socket: ``HOST:PORT`` (TCP) or ``unix:PATH``."""
+    """A named listening socket: ``HOST:PORT`` (TCP), ``unix:PATH``, or
+    ``systemd:NAME`` (the socket systemd passed under that name)."""
 
     name: str
     bind: str
     host: str = ""
     port: int = 0
     path: Path | None = None
+    systemd: str | None = None
 
     @property
     def key(self) -> str:
         """What identifies the bound socket: same key, same socket across generations."""
+        if self.systemd is not None:
+            return f"systemd:{self.systemd}"
         return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+    @property
+    def shared(self) -> bool:
+        """Whether two declarations of this key mean the same socket (port 0 never does)."""
+        return self.port != 0 or self.path is not None or self.systemd is not None
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,7 @@ class BundleSpec:
     #: ``user``/``group``: the worker drops to these after fork (None: it stays ours).
     uid: int | None = None
     gid: int | None = None
+    threads: int = DEFAULT_THREADS  # kind = "wsgi": the app's thread pool
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,8 @@ class Config:
     log_level: str
     defaults: Timing
     declared: dict[str, BundleSource]
+    #: ``[supervisor] metrics``: (host, port) of /metrics, /healthz, /readyz; None: off.
+    metrics: tuple[str, int] | None = None
 
     def sources(self) -> dict[str, BundleSource]:
         """Every bundle: the drop-ins found in bundles_dir now, and the declared ones."""
@@ -321,10 +338,11 @@ def parse_bind(bind: str, base: Path) -> tuple[str, int, Path | None]:
 _TOP_KEYS = {"supervisor", "defaults", "bundles"}
 _SUPERVISOR_KEYS = {
     "bundles_dir", "run_dir", "preload", "watch_quiet_ms", "watch_batch_ms", "log_level",
+    "metrics",
 }
 _MANIFEST_KEYS = {
     "entry", "kind", "factory", "version", "sockets", "settings", "multiprocessing_logging",
-    "user", "group",
+    "user", "group", "threads",
 } | _TIMING_KEYS
 _OVERRIDE_KEYS = _MANIFEST_KEYS | {"path"}
 
@@ -393,6 +411,7 @@ def _read_config(path: Path) -> tuple[Config | None, list[str]]:
         problems.add("supervisor.log_level",
                      f"expected one of {', '.join(_LOG_LEVELS)}, got {_describe(log_level)}")
         log_level = "info"
+    metrics = _metrics(sup, base, problems)
 
     defaults_table = _table(data, "defaults", problems)
     _unknown(defaults_table, _TIMING_KEYS, "defaults.", problems)
@@ -408,8 +427,27 @@ def _read_config(path: Path) -> tuple[Config | None, list[str]]:
     return Config(
         path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
         watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
-        declared=declared,
+        declared=declared, metrics=metrics,
     ), problems.lines
+
+
+def _metrics(sup: dict[str, Any], base: Path, problems: _Problems) -> tuple[str, int] | None:
+    """``[supervisor] metrics = "HOST:PORT"``: where /metrics, /healthz and /readyz are served."""
+    if "metrics" not in sup:
+        return None
+    text = _string(sup, "metrics", "", "supervisor.", problems)
+    if not text:
+        return None  # not a string: reported; "" is not an address either
+    try:
+        host, port, path = parse_bind(text, base)
+    except ValueError as exc:
+        problems.add("supervisor.metrics", str(exc))
+        return None
+    if path is not None:
+        problems.add("supervisor.metrics", f'expected "HOST:PORT" (TCP, for Prometheus and '
+                     f'probes), got {_describe(text)}')
+        return None
+    return host, port
 
 
 def _declared(tables: dict[str, Any], base: Path, bundles_dir: Path | None,
@@ -498,14 +536,15 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
         problems.add("kind", f"expected one of {', '.join(_KINDS)}, got {_describe(kind)}")
     factory = _bool(data, "factory", "", problems)
     if factory and kind == "service":
-        problems.add("factory", 'only for kind = "asgi" (a service entry is always called as '
-                     "Entry(ctx)); remove the key")
+        problems.add("factory", 'only for kind = "asgi" or "wsgi" (a service entry is always '
+                     "called as Entry(ctx)); remove the key")
+    threads = _threads(data, kind, problems)
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
     settings = _table(data, "settings", problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
-    if kind == "asgi":
-        _asgi_sockets(sockets, problems)
+    if kind in ("asgi", "wsgi"):
+        _asgi_sockets(sockets, kind, problems)
     timing = _timing(data, config.defaults, "", problems)
     uid, gid = _identity(data, source.path, problems)
     problems.lines.extend(preload_conflicts(config, [source]))
@@ -516,6 +555,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
         name=source.name, path=source.path, entry=entry, kind=kind, factory=factory,
         version=version, sockets=sockets, settings=settings,
         multiprocessing_logging=mp_logging, timing=timing, uid=uid, gid=gid,
+        threads=threads,
     )
 
 
@@ -576,6 +616,22 @@ def _unreadable_by(path: Path, uid: int, gid: int) -> str:
     return ""
 
 
+def _threads(data: dict[str, Any], kind: str, problems: _Problems) -> int:
+    """``threads``: how many requests a wsgi bundle's app runs at once (its thread pool)."""
+    if "threads" not in data:
+        return DEFAULT_THREADS
+    if kind != "wsgi":
+        problems.add("threads", 'only for kind = "wsgi" (the size of its thread pool); '
+                     "remove the key")
+        return DEFAULT_THREADS
+    threads: int = _number(data, "threads", DEFAULT_THREADS, "", problems, integer=True,
+                           positive=True)
+    if threads > MAX_THREADS:
+        problems.add("threads", f"must be at most {MAX_THREADS}, got {threads}")
+        return DEFAULT_THREADS
+    return threads
+
+
 def _sockets(
     table: dict[str, Any], source: BundleSource, problems: _Problems
 ) -> tuple[SocketSpec, ...]:
@@ -591,13 +647,22 @@ def _sockets(
             problems.add(f"{prefix}bind", 'missing (as in bind = "127.0.0.1:8101")')
             continue
         bind = _string(value, "bind", "", prefix, problems)
-        try:
-            host, port, path = parse_bind(bind, source.path)
-        except ValueError as exc:
-            problems.add(f"{prefix}bind", str(exc))
-            continue
-        spec = SocketSpec(name=name, bind=bind, host=host, port=port, path=path)
-        if (port != 0 or path is not None) and spec.key in seen:
+        if bind.startswith("systemd:"):
+            fdname = bind[len("systemd:"):]
+            if not _FDNAME.match(fdname):
+                problems.add(f"{prefix}bind", f"{_describe(bind)}: expected systemd:NAME, NAME "
+                             "as in the socket unit's FileDescriptorName= (printable ASCII, "
+                             "no ':' or space)")
+                continue
+            spec = SocketSpec(name=name, bind=bind, systemd=fdname)
+        else:
+            try:
+                host, port, path = parse_bind(bind, source.path)
+            except ValueError as exc:
+                problems.add(f"{prefix}bind", str(exc))
+                continue
+            spec = SocketSpec(name=name, bind=bind, host=host, port=port, path=path)
+        if spec.shared and spec.key in seen:
             problems.add(f"{prefix}bind", f"{bind} is also used by sockets.{seen[spec.key]}")
             continue
         seen[spec.key] = name
@@ -605,19 +670,20 @@ def _sockets(
     return tuple(specs)
 
 
-def _asgi_sockets(sockets: tuple[SocketSpec, ...], problems: _Problems) -> None:
-    """An asgi bundle serves one socket: the one named ``http``, or its only one."""
+def _asgi_sockets(sockets: tuple[SocketSpec, ...], kind: str, problems: _Problems) -> None:
+    """An asgi (or wsgi) bundle serves one socket: the one named ``http``, or its only one."""
     names = [sock.name for sock in sockets]
+    article = "an" if kind == "asgi" else "a"
     if not names:
-        problems.add("sockets", 'an asgi bundle needs a socket to serve (as in [sockets.http] '
-                     'bind = "127.0.0.1:8103")')
+        problems.add("sockets", f'{article} {kind} bundle needs a socket to serve (as in '
+                     '[sockets.http] bind = "127.0.0.1:8103")')
     elif len(names) > 1:
         others = ", ".join(name for name in names if name != "http")
         if "http" in names:
-            problems.add("sockets", f"an asgi bundle serves only its socket named http; "
+            problems.add("sockets", f"{article} {kind} bundle serves only its socket named http; "
                          f"remove the others ({others})")
         else:
-            problems.add("sockets", f"an asgi bundle serves one socket: name it http, or "
+            problems.add("sockets", f"{article} {kind} bundle serves one socket: name it http, or "
                          f"declare only one (declared: {others})")
 
 
@@ -687,11 +753,34 @@ def check(config_path: Path) -> list[str]:
             continue
         problems.extend(f"{line}: rename it (the worker imports a module of that name first)"
                         for line in importer.shadowed(source.path, zygote_modules))
+        problems.extend(systemd_problems(source, spec))
         for sock in spec.sockets:
-            if sock.port == 0 and sock.path is None:
+            if not sock.shared:
                 continue
             other = owners.setdefault(sock.key, name)
             if other != name:
                 problems.append(f"{source.manifest}: sockets.{sock.name}.bind: {sock.bind} is "
                                 f"already used by bundle {other!r}")
+    if config.metrics is not None and config.metrics[1] != 0:
+        host, port = config.metrics
+        user = owners.get(f"tcp:{host}:{port}")
+        if user is not None:
+            problems.append(f"{config.path}: supervisor.metrics: {host}:{port} is also a "
+                            f"socket of bundle {user!r}")
     return problems
+
+
+def systemd_problems(source: BundleSource, spec: BundleSpec,
+                     environ: dict[str, str] | None = None) -> list[str]:
+    """``hotsup check`` under systemd (LISTEN_FDS set): each ``systemd:NAME`` the
+    bundle declares must be among LISTEN_FDNAMES. Without LISTEN_FDS there is
+    nothing to compare with: only the syntax of NAME is checked (load_bundle);
+    ``hotsup start`` refuses a name systemd did not pass."""
+    env = os.environ if environ is None else environ
+    if "LISTEN_FDS" not in env:
+        return []
+    passed = [n for n in env.get("LISTEN_FDNAMES", "").split(":") if n]
+    return [f"{source.manifest}: sockets.{sock.name}.bind: systemd passed no socket named "
+            f"{sock.systemd!r} (LISTEN_FDNAMES: {':'.join(passed) or 'none'})"
+            for sock in spec.sockets
+            if sock.systemd is not None and sock.systemd not in passed]

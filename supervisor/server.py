@@ -38,8 +38,10 @@ from .commands import WIRE, Command, FilesChanged, Logs, Reload, Reply, Run, Shu
 from .config import BundleSource, Config, misnamed
 from .control import ControlError, ControlServer, Request
 from .logs import LogSink, SinkHandler
+from .metrics import MetricsServer
+from .notify import Notifier, summarize
 from .process import WorkerProcess
-from .sockets import SocketRegistry
+from .sockets import SocketRegistry, systemd_sockets
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
 from .watcher import Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
@@ -79,6 +81,9 @@ class Supervisor:
             Status: self._on_status,
             Logs: self._on_logs,
         }
+        # Reads (and unsets) NOTIFY_SOCKET now, before any child could inherit it.
+        self._notifier = Notifier(lambda: summarize(
+            {name: runner.state.value for name, runner in self.runners.items()}))
 
     async def serve(self) -> int:
         """Run until shut down; 0 after a clean drain."""
@@ -100,8 +105,11 @@ class Supervisor:
             except ControlError as exc:
                 raise StartupError(str(exc)) from None
             stack.push_async_callback(control.close)
+            stack.callback(self._notifier.close)
+            await self._start_metrics(stack)  # answers until the drain is done
             stack.push_async_callback(self._cancel_background)
-            sockets = SocketRegistry()
+            # systemd's sockets are taken (and LISTEN_* unset) before any child starts.
+            sockets = SocketRegistry(systemd_sockets())
             stack.callback(sockets.close_all)
             self._lifeline = life_r
             zygote = Zygote(config.preload, life_r)
@@ -125,6 +133,7 @@ class Supervisor:
             # its first await), so no edit made once a bundle serves is missed.
             await asyncio.sleep(0)
             await self._rescan()
+            self._background(self._notifier.run())  # READY=1 once no bundle is starting
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while self._stopping is None:
@@ -139,6 +148,7 @@ class Supervisor:
             while not self.commands.empty():  # asked for after the shutdown: say so
                 _refuse(self.commands.get_nowait(),
                         ControlError("the supervisor is shutting down"))
+            self._notifier.stopping()
             log.info("shutting down (%s): draining every bundle", self._stopping)
         log.info("hotsup stopped")
         return 0
@@ -170,9 +180,12 @@ class Supervisor:
                                    f"brings it back")
         if command.discard_state and command.name is None:
             raise ControlError("--discard-state drops a bundle's state: name the bundle")
-        _reply_when_done([runner.reload(command.discard_state) for runner in targets],
-                         command.reply,
-                         lambda reports: {"bundles": reports})
+        waiters = [runner.reload(command.discard_state) for runner in targets]
+        if command.name is None and targets:  # SIGHUP (systemd's ExecReload): tell systemd
+            self._notifier.reloading()
+            asyncio.gather(*waiters, return_exceptions=True).add_done_callback(
+                lambda _: self._notifier.reloaded())
+        _reply_when_done(waiters, command.reply, lambda reports: {"bundles": reports})
 
     async def _on_stop(self, command: Stop) -> None:
         runner = self._runner(command.name)
@@ -336,6 +349,24 @@ class Supervisor:
             command.reply.set_result({"pid": os.getpid()})
 
     # -- helpers ------------------------------------------------------------------
+
+    async def _start_metrics(self, stack: contextlib.AsyncExitStack) -> None:
+        """``[supervisor] metrics``: /metrics, /healthz, /readyz (supervisor/metrics.py)."""
+        if self.config.metrics is None:
+            return
+        host, port = self.config.metrics
+        server = MetricsServer(host, port, self._metrics_view, lambda: self._stopping is not None)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise StartupError(f"{self.config.path}: supervisor.metrics: cannot bind "
+                               f"{host}:{port}: {exc.strerror or exc}") from None
+        stack.push_async_callback(server.close)
+
+    def _metrics_view(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        supervisor = {"uptime": time.monotonic() - self._started,
+                      "log_dropped": self.sink.dropped_output}
+        return supervisor, [runner.status() for _, runner in sorted(self.runners.items())]
 
     def _runner(self, name: str) -> BundleRunner:
         runner = self.runners.get(name)

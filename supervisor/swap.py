@@ -38,6 +38,8 @@ or ``reload`` is answered during it.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import enum
 import logging
 import time
@@ -189,6 +191,9 @@ class BundleRunner:
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
         self._warnings: list[str] = []  # what the event being handled could not keep
+        # -- kept for supervisor/metrics.py, which reads them through status() --
+        self.outcomes: collections.Counter[str] = collections.Counter()  # results of passes
+        self.swap_times = SwapTimes()  # durations of the swaps that served
         self._handlers: dict[type[Event], Callable[[Any], Coroutine[Any, Any, Outcome | None]]] = {
             Pass: self._on_pass,
             StopAsked: self._on_stop,
@@ -290,6 +295,10 @@ class BundleRunner:
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
             "checkpoint": self._checkpoint,
+            "outcomes": dict(self.outcomes),
+            "swap_ms": self.swap_times.as_dict(),
+            "checkpoint_bytes": self._checkpoint["bytes"] if self._checkpoint else None,
+            "checkpoint_at": self._checkpoint["at"] if self._checkpoint else None,
         }
 
     async def close(self) -> None:
@@ -353,6 +362,8 @@ class BundleRunner:
             finally:  # also when close() cancels the loop: nobody waits for ever
                 if isinstance(event, Pass | RunAsked):
                     self._passes += 1
+                if outcome is not None and outcome is not _CLOSING:
+                    self.outcomes[outcome.result.value] += 1
                 self._answer(event.waiters, outcome or Outcome(Result.UNCHANGED), started)
 
     def _answer(self, waiters: tuple[Waiter, ...], outcome: Outcome, started: float) -> None:
@@ -607,6 +618,7 @@ class BundleRunner:
         self.last_swap_at = time.time()
         self.last_swap_ms = (ready_at - started) * 1000
         self.last_pause_ms = (ready_at - paused_at) * 1000 if paused_at is not None else 0.0
+        self.swap_times.add(self.last_swap_ms)
         mode = "hand-over" if paused_at is not None else \
             "without state" if discard_state else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
@@ -856,6 +868,32 @@ class BundleRunner:
         self.last_error = message
         self.log.error("%s: %s", self.name, message)
         return Outcome(result, message)
+
+
+class SwapTimes:
+    """A histogram of swap durations for metrics: cumulative counts per bucket.
+
+    ``SWAP_MS_BUCKETS`` are the upper bounds in ms; a last count (+Inf) is
+    every swap. Constant size, whatever the number of swaps.
+    """
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(SWAP_MS_BUCKETS) + 1)
+        self.sum_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.sum_ms += ms
+        for i in range(bisect.bisect_left(SWAP_MS_BUCKETS, ms), len(self.counts)):
+            self.counts[i] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"le": list(SWAP_MS_BUCKETS), "counts": list(self.counts),
+                "sum": round(self.sum_ms, 3)}
+
+
+#: Upper bounds (ms) of the swap-duration buckets status() carries.
+SWAP_MS_BUCKETS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                   10000.0)
 
 
 def _round(value: float | None) -> float | None:

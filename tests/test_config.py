@@ -518,9 +518,9 @@ def test_entry_of_wrong_type(tmp_path: Path) -> None:
 
 
 def test_unknown_kind(tmp_path: Path) -> None:
-    problems = bundle_problems(tmp_path, 'entry = "app:App"\nkind = "wsgi"\n')
+    problems = bundle_problems(tmp_path, 'entry = "app:App"\nkind = "cgi"\n')
     line = line_for(problems, manifest_prefix(tmp_path, "kind"))
-    assert 'expected one of service, asgi, got "wsgi"' in line
+    assert 'expected one of service, asgi, wsgi, got "cgi"' in line
 
 
 def asgi_spec(tmp_path: Path, manifest: str, config_text: str = "") -> BundleSpec:
@@ -563,7 +563,7 @@ def test_asgi_factory_and_kind_from_config_toml(tmp_path: Path) -> None:
 def test_factory_on_a_service_bundle_is_refused(tmp_path: Path) -> None:
     problems = bundle_problems(tmp_path, 'entry = "app:App"\nfactory = true\n')
     assert line_for(problems, manifest_prefix(tmp_path, "factory")) == (
-        'only for kind = "asgi" (a service entry is always called as Entry(ctx)); '
+        'only for kind = "asgi" or "wsgi" (a service entry is always called as Entry(ctx)); '
         "remove the key")
 
 
@@ -690,7 +690,7 @@ def test_two_unix_sockets_of_one_bundle_on_one_path(tmp_path: Path) -> None:
 def test_bundle_problems_are_all_reported(tmp_path: Path) -> None:
     problems = bundle_problems(tmp_path, """
         entry = "nope"
-        kind = "wsgi"
+        kind = "cgi"
         colour = "red"
         start_timeout = 0
         [sockets.main]
@@ -786,7 +786,7 @@ def test_check_reports_all_problems_of_all_bundles(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     bundles = tmp_path / "bundles"
     make_bundle(bundles / "one", 'entry = "counter"\n')
-    make_bundle(bundles / "two", 'entry = "app:App"\nkind = "wsgi"\ncolour = 1\n')
+    make_bundle(bundles / "two", 'entry = "app:App"\nkind = "cgi"\ncolour = 1\n')
     make_bundle(bundles / "three", """
         entry = "missing:App"
         [sockets.main]

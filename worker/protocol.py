@@ -91,6 +91,7 @@ class SpawnSpec(TypedDict):
     entry: str
     kind: str
     factory: bool
+    threads: int  # kind = "wsgi": the size of its thread pool
     version: str
     settings: dict[str, Any]
     socket_names: list[str]

@@ -39,8 +39,8 @@ from typing import Any
 
 import uvloop
 
-# asgi imports uvicorn: here, so the zygote has it loaded for every worker.
-from . import asgi, importer
+# asgi imports uvicorn, wsgi a2wsgi: here, so the zygote has them loaded for every worker.
+from . import asgi, importer, wsgi
 from . import channel as wire
 from . import protocol as P
 from .context import BundleContext
@@ -214,7 +214,7 @@ class Worker:
         ``asgi.AsgiBundle``, its lifespan startup done.
         """
         kind = self.spec["kind"]
-        if kind not in ("service", "asgi"):
+        if kind not in ("service", "asgi", "wsgi"):
             raise RuntimeError(f"bundle kind {kind!r} is not supported by this worker")
         shadowed = importer.shadowed(Path(self.spec["path"]), importer.loaded_modules())
         if shadowed:
@@ -223,6 +223,9 @@ class Worker:
                 "imported a module of that name, so the bundle's would never be loaded)")
         if kind == "asgi":
             return await asgi.AsgiBundle.load(self.ctx, self.spec["entry"], self.spec["factory"])
+        if kind == "wsgi":  # an asgi bundle over a2wsgi (worker/wsgi.py)
+            return await wsgi.WsgiBundle.load_wsgi(self.ctx, self.spec["entry"],
+                                                   self.spec["factory"], self.spec["threads"])
         entry = importer.resolve(self.spec["entry"])
         bundle = entry(self.ctx)
         if not callable(getattr(bundle, "start", None)):
