@@ -35,11 +35,27 @@ from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 from .channel import WorkerChannel
 from .checkpoint import CheckpointError, CheckpointStore
-from .commands import WIRE, Command, FilesChanged, Logs, Reload, Reply, Run, Shutdown, Status, Stop
+from .commands import (
+    WIRE,
+    Command,
+    FilesChanged,
+    Logs,
+    PushBegin,
+    PushCommit,
+    PushFiles,
+    Reload,
+    Reply,
+    Run,
+    Shutdown,
+    Status,
+    Stop,
+)
 from .config import BundleSource, Config, misnamed
 from .control import ControlError, ControlServer, Request
 from .logs import LogSink, SinkHandler
 from .process import WorkerProcess
+from .push import PushStore, Session, clear_staging
+from .remote import RemoteServer
 from .sockets import SocketRegistry
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
 from .watcher import Watcher, adigest, digest_paths
@@ -71,6 +87,8 @@ class Supervisor:
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
         self._preload_digest = ""
         self._replacing = False  # a new zygote is being started
+        self._pushes = PushStore(config.remote)
+        self._remote: RemoteServer | None = None
         # Every command's handler; a test checks each wire command has one.
         self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -80,6 +98,9 @@ class Supervisor:
             Run: self._on_run,
             Status: self._on_status,
             Logs: self._on_logs,
+            PushBegin: self._on_push_begin,
+            PushFiles: self._on_push_files,
+            PushCommit: self._on_push_commit,
         }
 
     async def serve(self) -> int:
@@ -105,6 +126,19 @@ class Supervisor:
             control = ControlServer(zctx, config.run_dir, self.submit)
             control.start()
             stack.push_async_callback(control.close)
+            for path in clear_staging(config.bundles_dir):
+                log.info("removed an unfinished push: %s", path)
+            stack.callback(self._pushes.close)
+            if config.remote is not None:
+                # Closed with the control endpoint (after every bundle), so a
+                # push waiting for its swap at shut-down still gets its answer.
+                self._remote = RemoteServer(zctx, config.remote, self.submit)
+                try:
+                    self._remote.start()
+                except zmq.ZMQError as exc:
+                    raise StartupError(f"{config.path}: remote.bind: cannot listen on "
+                                       f"{config.remote.bind}: {exc}") from None
+                stack.push_async_callback(self._remote.close)
             stack.push_async_callback(self._cancel_background)
             sockets = SocketRegistry()
             stack.callback(sockets.close_all)
@@ -193,7 +227,8 @@ class Supervisor:
         command.reply.set_result({
             "supervisor": {"pid": os.getpid(), "config": str(self.config.path),
                            "uptime": round(time.monotonic() - self._started, 1),
-                           "log_dropped": self.sink.dropped_output},
+                           "log_dropped": self.sink.dropped_output,
+                           "remote": self._remote.endpoint if self._remote else None},
             "bundles": [runner.status() for _, runner in sorted(self.runners.items())],
         })
 
@@ -237,6 +272,50 @@ class Supervisor:
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
             self._rescan()
+
+    async def _on_push_begin(self, command: PushBegin) -> None:
+        runner = self.runners.get(command.name)
+        if runner is not None and runner.stopped:
+            raise ControlError(f"{command.name} is stopped; `hotsup run {command.name}` "
+                               f"brings it back")
+        if runner is not None:
+            target = runner.source.path
+        elif self.config.bundles_dir is not None:
+            target = self.config.bundles_dir / command.name
+        else:
+            raise ControlError(f"no bundle named {command.name!r}, and no bundles_dir to "
+                               f"push a new one into")
+        self._background(_settle(command.reply, self._pushes.begin(
+            command.name, target, command.files, command.links)))
+
+    async def _on_push_files(self, command: PushFiles) -> None:
+        self._background(_settle(command.reply, self._pushes.add(command.push, command.blobs)))
+
+    async def _on_push_commit(self, command: PushCommit) -> None:
+        session = self._pushes.get(command.push)
+        self._background(_settle(command.reply, self._land(session)))
+
+    async def _land(self, session: Session) -> dict[str, Any]:
+        """Swap a push in and report the bundle's pass; one push per bundle at a
+        time, and a swap already running goes first (the runner's queue)."""
+        async with self._pushes.lock(session.name):
+            runner = self.runners.get(session.name)
+            if session.same and runner is not None:
+                await self._pushes.drop(session)
+                return runner.report(Outcome(Result.UNCHANGED, "the supervisor has this "
+                                             "content already"), 0.0)
+            try:
+                await self._pushes.stage(session)
+                self._pushes.swap_in(session)
+            except BaseException:
+                await self._pushes.drop(session)
+                raise
+            if runner is None:
+                self._rescan()  # a new bundle: started, and its first pass reported
+            runner = self._runner(session.name)
+            outcome = runner.reload()
+            await self._pushes.drop(session)  # the old tree
+            return await outcome
 
     def _rescan(self) -> None:
         """Look at bundles_dir again: retire removed bundles, start new ones.
@@ -408,6 +487,27 @@ def _refuse(command: Command, error: ControlError) -> None:
     reply: Reply | None = getattr(command, "reply", None)
     if reply is not None and not reply.done():
         reply.set_exception(error)
+
+
+async def _settle(reply: Reply | None, work: Coroutine[Any, Any, Any]) -> None:
+    """Resolve ``reply`` with what ``work`` returns, or with the ControlError it raised."""
+    try:
+        result = await work
+    except ControlError as exc:
+        if reply is not None and not reply.done():
+            reply.set_exception(exc)
+        return
+    except asyncio.CancelledError:
+        if reply is not None and not reply.done():
+            reply.set_exception(ControlError("the supervisor is shutting down"))
+        raise
+    except Exception as exc:
+        log.exception("a push failed")
+        if reply is not None and not reply.done():
+            reply.set_exception(ControlError(f"internal error: {exc!r}"))
+        return
+    if reply is not None and not reply.done():
+        reply.set_result(result)
 
 
 def _reply_when_done(waiters: list[asyncio.Future[dict[str, Any]]], reply: Reply | None,
