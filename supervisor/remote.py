@@ -65,7 +65,7 @@ class _Keys(AsyncioAuthenticator):
     """The ZAP handler: the authorized keys, and each one's name as its user id."""
 
     def __init__(self, zctx: zmq.asyncio.Context, clients: dict[str, bytes]) -> None:
-        super().__init__(zctx, log=logging.getLogger("hotsup.zap"))
+        super().__init__(zctx)  # its log is "zmq.auth", not ours: a line per handshake
         self._names = {z85.decode(public): name for name, public in clients.items()}
         self._z85 = {public: name for name, public in clients.items()}
         self._told: set[bytes] = set()
@@ -183,7 +183,11 @@ class RemoteServer:
         try:
             request_id, request = parse_request(body)
             self._vet(key, request)
-            result = await self._submit(request)
+            try:
+                result = await self._submit(request)
+            except ControlError as exc:
+                log.info("remote: %s: %s refused: %s", key, _describe(request), exc)
+                raise
             reply = make_reply(request_id, self._shape(key, request, result))
         except BadRequest as exc:
             log.info("remote: %s: refused a bad request: %s", key, exc)
@@ -257,7 +261,7 @@ def _describe(request: Request) -> str:
                    if isinstance(v, list) and len(v) == 3 and type(v[1]) is int)
         return f"push {args.get('name')} ({len(files)} file(s), {size} bytes)"
     if request.cmd == "push_files":
-        sent = sum(len(b[2]) * 3 // 4 for b in args.get("blobs", [])
+        sent = sum(len(b[2]) * 3 // 4 - b[2][-2:].count("=") for b in args.get("blobs", [])
                    if isinstance(b, list) and len(b) == 3 and isinstance(b[2], str))
         return f"push_files ({sent} bytes)"
     if request.cmd == "push_commit":
