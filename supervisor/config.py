@@ -539,16 +539,20 @@ def _key_file(path: Path, key: str, open_bits: int, problems: _Problems) -> bool
 def _secret_key(path: Path, problems: _Problems) -> None:
     import zmq.auth  # only for a config with [remote]
 
-    if not _key_file(path, "remote.key", 0o077, problems):
+    if not _key_file(path, "remote.key", 0, problems):
         return
     try:
         public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        problems.add("remote.key", f"{path}: not a ZeroMQ certificate ({exc})")
+    except OSError as exc:
+        problems.add("remote.key", f"{path}: cannot read: {exc.strerror or exc}")
         return
+    except ValueError:
+        public = secret = None
     if not secret or not public:
         problems.add("remote.key", f"{path} holds no secret key (give the .key_secret file "
                      f"that `hotsup keygen` writes)")
+        return
+    _key_file(path, "remote.key", 0o077, problems)
 
 
 def _client_keys(directory: Path, problems: _Problems) -> dict[str, bytes]:
@@ -581,11 +585,14 @@ def _client_keys(directory: Path, problems: _Problems) -> dict[str, bytes]:
             continue
         try:
             public, _ = zmq.auth.load_certificate(path)
-        except (OSError, ValueError) as exc:
-            problems.add(key, f"{path}: not a ZeroMQ certificate ({exc})")
+        except OSError as exc:
+            problems.add(key, f"{path}: cannot read: {exc.strerror or exc}")
             continue
+        except ValueError:
+            public = None
         if not public:
-            problems.add(key, f"{path}: holds no public key")
+            problems.add(key, f"{path}: not a ZeroMQ certificate (no public-key in it: "
+                         f"`hotsup keygen` writes them)")
             continue
         clients[path.stem] = public
     if not clients and len(problems.lines) == before:
