@@ -541,13 +541,15 @@ def _secret_key(path: Path, problems: _Problems) -> None:
 
     if not _key_file(path, "remote.key", 0, problems):
         return
+    public: bytes | None = None
+    secret: bytes | None = None
     try:
         public, secret = zmq.auth.load_certificate(path)
     except OSError as exc:
         problems.add("remote.key", f"{path}: cannot read: {exc.strerror or exc}")
         return
     except ValueError:
-        public = secret = None
+        pass  # not a certificate: said below
     if not secret or not public:
         problems.add("remote.key", f"{path} holds no secret key (give the .key_secret file "
                      f"that `hotsup keygen` writes)")
@@ -583,13 +585,14 @@ def _client_keys(directory: Path, problems: _Problems) -> dict[str, bytes]:
             continue
         if not _key_file(path, key, 0o022, problems):
             continue
+        public: bytes | None = None
         try:
             public, _ = zmq.auth.load_certificate(path)
         except OSError as exc:
             problems.add(key, f"{path}: cannot read: {exc.strerror or exc}")
             continue
         except ValueError:
-            public = None
+            pass  # not a certificate: said below
         if not public:
             problems.add(key, f"{path}: not a ZeroMQ certificate (no public-key in it: "
                          f"`hotsup keygen` writes them)")
