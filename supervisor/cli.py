@@ -229,13 +229,14 @@ def _push(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.watch:
         return _watch(args, client, directory, name)
+    last = _last_seq(client) if args.follow else 0  # --follow shows the swap's records too
     try:
         report = send(client, directory, name, args.timeout)
     except PushError as exc:
         raise UsageError(str(exc)) from None
     code = _reports([report], args.json)
     if args.follow:
-        return _follow(client, name, LogRecord.as_text, _last_seq(client))
+        return _follow(client, name, LogRecord.as_text, last)
     return code
 
 
@@ -280,10 +281,15 @@ def _watch(args: argparse.Namespace, client: ControlClient | RemoteClient, direc
             print(f"{name}: {report['result']}: {report['message']}", file=sys.stderr,
                   flush=True)
 
+    first = True
     try:
-        push(time.monotonic(), first=True)
-        for _ in watchfiles.watch(directory, watch_filter=Filter(), debounce=1600, step=20):
-            push(time.monotonic())
+        # The first push once the watch is set up (its first, empty, yield
+        # after rust_timeout), so a save in between is not missed.
+        for changes in watchfiles.watch(directory, watch_filter=Filter(), debounce=1600,
+                                        step=20, rust_timeout=200, yield_on_timeout=True):
+            if changes or first:
+                push(time.monotonic(), first)
+                first = False
     except KeyboardInterrupt:
         pass
     return EXIT_OK
