@@ -157,7 +157,7 @@ class Bench:
                               timeout=120)
 
     def close(self) -> None:
-        stop_process(self.proc, group=True)  # type: ignore[arg-type]
+        stop_process(self.proc, group=True)
         kill_session(self.proc.pid)
         self.log.close()
 
@@ -219,8 +219,11 @@ class Bench:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as proc:
             lines: queue.Queue[str] = queue.Queue()
-            reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or []],
-                                      daemon=True)
+            def read() -> None:
+                for line in proc.stdout or []:
+                    lines.put(line)
+
+            reader = threading.Thread(target=read, daemon=True)
             reader.start()
             lines.get(timeout=60)  # its first push: nothing new
             try:
