@@ -139,7 +139,7 @@ def test_an_unknown_client_key_is_refused_and_nothing_changes(remote: Remote) ->
     before = sorted(os.listdir(remote.sup.bundles))
     done = remote.run("push", str(local), key="mallory")
     assert done.returncode == 3, done.stderr
-    assert "not authorized" in done.stderr
+    assert "not authorized: the supervisor refused this key" in done.stderr  # at once
     assert sorted(os.listdir(remote.sup.bundles)) == before
     remote.sup.wait_log(r"remote: refused a client key that is not in authorized_keys")
     status = remote.run("status", key="mallory")
