@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -291,3 +292,32 @@ def test_push_watch_pushes_three_saves(remote: Remote) -> None:
             reader.join(10)
             assert proc.stderr is not None
             assert proc.stderr.read() == ""
+
+
+def test_pushes_to_a_swapping_bundle_wait_their_turn(remote: Remote) -> None:
+    port = free_port()
+    # Each generation loads for half a second, then imports a second module:
+    # a push swapped in meanwhile would give it that push's module.
+    slow = ("import time; time.sleep(0.5); import helper; "
+            "print(f'loaded {TAG} with {helper.TAG}', flush=True)")
+
+    def bundle(where: str, tag: str) -> Path:
+        path = write_bundle(remote.laptop / where / "api", counter_source(tag, init=slow), port)
+        (path / "helper.py").write_text(f"TAG = {tag!r}\n")
+        return path
+
+    assert remote.run("push", str(bundle("a", "one"))).returncode == 0
+    assert request(port) == "count=1 generation=1 tag=one"
+    procs = [subprocess.Popen([*HOTSUP, "push", str(bundle(where, tag)), *remote.flags()],
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for where, tag in (("b", "two"), ("c", "three"))]
+    outs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert all("api: swapped" in out for out, _ in outs), outs
+    # One after the other: generation 2, then 3, each on the whole tree of one push.
+    last = next(tag for (out, _), tag in zip(outs, ("two", "three"), strict=True)
+                if "api@3" in out)
+    assert request(port) == f"count=2 generation=3 tag={last}"
+    loaded = re.findall(r"api@(\d+): loaded (\w+) with (\w+)", remote.sup.log())
+    assert [gen for gen, _, _ in loaded] == ["1", "2", "3"], loaded
+    assert all(module == helper for _, module, helper in loaded), loaded
