@@ -7,6 +7,10 @@ the control endpoint only enqueue; a command that someone waits for carries a
 ``reply`` future, resolved when the work is done (a reload: when its swap
 finished).
 
+With ``[remote]``, the CURVE endpoint (``remote``) submits the same requests,
+and pushes (``push``) land through ``_land``: staged, swapped in, then the
+bundle's pass, one push per bundle at a time.
+
 Start-up builds every resource in order on an ``AsyncExitStack``, so shut-down
 undoes them in reverse: stop watching, retire every bundle (drain), stop the
 zygote, close the listening sockets, close the worker channel.
