@@ -82,6 +82,7 @@ class Reload(Command):
     wire = "reload"
     ARGS = {"name": Arg((str, _NONE))}
     name: str | None = None
+    signal: str = ""  # the signal that asked for it (SIGHUP), for the log
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class Supervisor:
             # One step of the watcher task sets up its inotify watches (before
             # its first await), so no edit made once a bundle serves is missed.
             await asyncio.sleep(0)
-            self._rescan()
+            await self._rescan()
             log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
                      config.path)
             while self._stopping is None:
@@ -200,6 +200,8 @@ class Supervisor:
     # -- command handlers ---------------------------------------------------------
 
     async def _on_reload(self, command: Reload) -> None:
+        if command.signal:
+            log.info("%s: reloading every bundle that is not stopped", command.signal)
         if command.name is None:
             targets = [r for _, r in sorted(self.runners.items()) if not r.stopped]
             if not targets and command.reply is not None:
@@ -275,7 +277,7 @@ class Supervisor:
                 runner.request()
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
-            self._rescan()
+            await self._rescan()
 
     async def _on_push_begin(self, command: PushBegin) -> None:
         runner = self.runners.get(command.name)
@@ -314,39 +316,64 @@ class Supervisor:
             except BaseException:
                 await self._pushes.drop(session)
                 raise
-            if runner is None:
-                self._rescan()  # a new bundle: started, and its first pass reported
-            runner = self._runner(session.name)
-            outcome = runner.reload()
+            runner = self.runners.get(session.name) or self._add_pushed(session.name)
+            outcome = runner.reload()  # a new bundle: its first pass, "started"
             await self._pushes.drop(session)  # the old tree
             return await outcome
 
-    def _rescan(self) -> None:
+    def _add_pushed(self, name: str) -> BundleRunner:
+        """Start a bundle a push just created: the rescan's last step, with no
+        await between the swap-in and the runner (the watcher's rescan, when
+        it comes, finds the bundle running)."""
+        source = self.config.sources().get(name)
+        if source is None:
+            raise ControlError(f"{name}: pushed, but not found in bundles_dir")
+        log.info("%s: new bundle in %s (pushed)", name, source.path, extra={"bundle": name})
+        self._add(source)
+        return self.runners[name]
+
+    async def _rescan(self) -> None:
         """Look at bundles_dir again: retire removed bundles, start new ones.
 
-        Removals first: a removed bundle's sockets, with the connections in
-        their backlog, go to a renamed or re-added bundle that declares them,
-        while the old runner still drains. When one has closed, bundles that
-        failed (on an address it held, say) are tried again.
+        A new directory with the content of a removed one is that bundle
+        renamed: its runner carries on under the new name, with its state.
+        Removals next: a removed bundle's sockets, with the connections in
+        their backlog, go to a re-added bundle that declares them, while the
+        old runner still drains. When one has closed, bundles that failed (on
+        an address it held, say) are tried again.
         """
+        assert self._services is not None
         present = self.config.sources()
         if self.config.bundles_dir is not None:
             for problem in misnamed(self.config.bundles_dir):
                 if problem not in self._told:
                     self._told.add(problem)
                     log.warning("%s", problem)
-        for name in [n for n in self.runners if n not in present]:
-            log.info("%s: bundle directory removed; retiring it", name)
-            runner = self.runners.pop(name)
-            assert self._services is not None
-            self._services.sockets.disown(runner)  # a renamed or re-added bundle adopts them
+        gone = {name: runner for name, runner in self.runners.items() if name not in present}
+        for name, source in present.items():
+            if name in self.runners or not gone:
+                continue
+            content = await self._services.digest(source)
+            renamed = next((old for old, runner in gone.items()
+                            if content is not None and runner.content == content), None)
+            if renamed is not None:
+                log.info("%s: bundle directory renamed to %s", renamed, name,
+                         extra={"bundle": name})
+                runner = gone.pop(renamed)
+                del self.runners[renamed]
+                self.runners[name] = runner
+                runner.rename(source)
+        for name, runner in gone.items():
+            log.info("%s: bundle directory removed; retiring it", name, extra={"bundle": name})
+            del self.runners[name]
+            self._services.sockets.disown(runner)  # a re-added bundle adopts them
             # Draining may take drain_timeout: not in the command loop.
             task = asyncio.ensure_future(runner.close())
             self._removing.add(task)
             task.add_done_callback(self._removed)
         for name, source in present.items():
             if name not in self.runners:
-                log.info("%s: new bundle in %s", name, source.path)
+                log.info("%s: new bundle in %s", name, source.path, extra={"bundle": name})
                 self._add(source)
 
     async def _preload_changed(self) -> None:
@@ -462,7 +489,7 @@ class Supervisor:
         table: dict[signal.Signals, Command] = {
             signal.SIGINT: Shutdown("SIGINT"),
             signal.SIGTERM: Shutdown("SIGTERM"),
-            signal.SIGHUP: Reload(None),
+            signal.SIGHUP: Reload(None, signal="SIGHUP"),
         }
         for sig, command in table.items():
             loop.add_signal_handler(sig, self.commands.put_nowait, command)

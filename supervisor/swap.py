@@ -1,10 +1,13 @@
 """The swap: every generation of one bundle, from first start to retirement.
 
-The whole state machine lives here. A generation moves through ``GenState``
-along the ``MOVES`` table, and only through ``BundleRunner._move``, which
-checks and logs every move. One task per bundle (``BundleRunner.run``) does
-everything for that bundle in order, so there is never more than one swap at a
-time; triggers that arrive during a swap coalesce into one more pass.
+``BundleRunner`` owns one bundle. Its one task takes the events of its
+``mailbox`` (files changed, reload, stop, run, a generation exited, a
+checkpoint or a ping due, probation over, a backoff over, a retirement
+over) one at a time, in order, and is the only writer of the bundle's
+state: timers, callbacks and the supervisor only put events in the mailbox.
+So there is never more than one swap at a time, and passes asked for during
+a swap are taken together as one more. A generation's own moves and states
+are in ``generation``; what ``hotsup status`` shows is derived from them.
 
 A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
 
@@ -15,78 +18,66 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
         N+1.restore(state); N+1.start() .. READY       the backlog holds)
     overlap mode:
         N+1.start() ...................... READY      (both accept)
-    retire N: drain, stop(), exit ........ N: RETIRING -> EXITED
+    hold N for probation ................. N: HELD    (paused, still loaded)
+    probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
 the old generation keeps serving with its state, and the error is reported.
+If N+1 dies while N is held, N resumes (from a newer checkpoint of N+1's,
+if one was taken) and the swap counts as rolled back.
 
-After the swap N is not retired at once but held, paused and still loaded,
-for ``probation`` seconds: if N+1 dies in that time, N resumes (from a newer
-checkpoint of N+1's, if one was taken) and the swap counts as rolled back.
-
-Around the swaps: the serving generation is pinged (no answer within
-``ping_timeout``: its loop is blocked, it is killed and restarted); its state
-is checkpointed every ``checkpoint_interval``, at every swap and at shut-down
-(``checkpoint.CheckpointStore``); a crashed generation is restarted from the
-newest state, with backoff and OTP-style restart intensity.
+Around the swaps, timers armed when a generation becomes current: it is
+pinged every ``ping_interval`` (no answer within ``ping_timeout``: its loop
+is blocked, it is killed and restarted) and checkpointed every
+``checkpoint_interval`` (``checkpoint.CheckpointStore``; at every swap and
+at shut-down too). A generation that dies while serving is restarted from
+the newest state after a backoff (``intensity``), a timer too, so a ``stop``
+or ``reload`` is answered during it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from hotsup.worker import protocol as P
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
+from .generation import LIVE, Generation, GenState, SwapAborted, Worker
+from .generation import Spawner as Spawner
+from .intensity import GiveUp, RestartIntensity
+from .mailbox import (
+    CheckpointDue,
+    Event,
+    Exited,
+    Mailbox,
+    Pass,
+    PingDone,
+    PingDue,
+    ProbationOver,
+    Renamed,
+    RestartDue,
+    Retired,
+    RetryDue,
+    RunAsked,
+    StopAsked,
+    Timers,
+    Waiter,
+)
 from .process import WorkerError
 from .sockets import SocketError, SocketRegistry
 
 log = logging.getLogger("hotsup")
 
-#: Extra seconds a retiring worker gets beyond drain_timeout for its stop().
-STOP_GRACE = 5.0
-#: Crash restarts back off from this delay, doubling, up to BACKOFF_MAX.
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 10.0
-#: A hand-over that found connections still in flight is tried again after
-#: BUSY_RETRY_FIRST seconds, doubling, BUSY_RETRIES times at most.
-BUSY_RETRY_FIRST = 2.0
-BUSY_RETRIES = 3
-
-
-class GenState(enum.Enum):
-    SPAWNING = "spawning"
-    LOADED = "loaded"
-    READY = "ready"
-    PAUSED = "paused"
-    RETIRING = "retiring"
-    EXITED = "exited"
-    FAILED = "failed"
-
-
-S = GenState
-MOVES: dict[GenState, frozenset[GenState]] = {
-    S.SPAWNING: frozenset({S.LOADED, S.FAILED}),
-    S.LOADED: frozenset({S.READY, S.FAILED}),
-    S.READY: frozenset({S.PAUSED, S.RETIRING, S.FAILED}),
-    S.PAUSED: frozenset({S.READY, S.RETIRING, S.FAILED}),
-    S.RETIRING: frozenset({S.EXITED, S.FAILED}),
-    S.EXITED: frozenset(),
-    S.FAILED: frozenset(),
-}
+_S = GenState
 
 
 class BundleState(enum.Enum):
-    """What ``hotsup status`` shows for a bundle."""
+    """What ``hotsup status`` shows for a bundle (``BundleRunner.state``)."""
 
     STARTING = "starting"
     RUNNING = "running"
@@ -96,7 +87,7 @@ class BundleState(enum.Enum):
 
 
 class Result(enum.Enum):
-    """What one pass of a bundle's loop did (``hotsup reload`` reports it)."""
+    """How the runner handled an event (``hotsup reload`` reports it)."""
 
     SWAPPED = "swapped"
     STARTED = "started"
@@ -117,64 +108,28 @@ class Outcome:
         return self.result not in (Result.ROLLED_BACK, Result.FAILED)
 
 
-class IllegalMove(RuntimeError):
-    pass
+@dataclass(frozen=True)
+class Kept:
+    """The newest state the runner holds, and the generation it was taken of."""
+
+    generation: int
+    data: bytes
 
 
-class SwapAborted(Exception):
-    """The swap could not complete; the old generation (if any) keeps serving.
+@dataclass(frozen=True)
+class Timings:
+    """The runner's own deadlines and policies (the bundle's are in its spec)."""
 
-    ``transient``: nothing was wrong with the new code (the old generation had
-    connections in flight), so the same content is worth another try.
-    """
-
-    def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-class Worker(Protocol):
-    """What the state machine needs of a worker process (``process.WorkerProcess``).
-
-    Every coroutine raises ``WorkerError`` on an error reply, a timeout, or the
-    process's exit; ``exited`` resolves when the process is gone.
-    """
-
-    pid: int | None
-    exited: asyncio.Future[None]
-
-    @property
-    def log_dropped(self) -> int: ...  # log lines dropped for flooding
-
-    async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
-    async def call(self, op: str, timeout: float, payload: bytes | None = None,
-                   **fields: Any) -> tuple[dict[str, Any], bytes | None]: ...
-    def kill(self) -> None: ...
-    async def wait_exit(self, timeout: float) -> bool: ...
-    async def describe_exit(self) -> str: ...
-    async def close(self) -> None: ...
-
-
-#: Forks generation ``number`` of a bundle with these sockets; WorkerError if it cannot.
-Spawner = Callable[[BundleSpec, int, dict[str, socket.socket]], Awaitable[Worker]]
-
-
-@dataclass
-class Generation:
-    number: int
-    spec: BundleSpec
-    process: Worker
-    state: GenState = GenState.SPAWNING
-    hooks: dict[str, bool] = field(default_factory=dict)
-    serving_since: float | None = None  # time.monotonic() when it became current
-    hung: str | None = None  # why it was killed for not answering a ping
-
-    @property
-    def tag(self) -> str:
-        return f"{self.spec.name}@{self.number}"
-
-    def hands_over_to(self, successor: Generation) -> bool:
-        return bool(self.hooks.get("snapshot")) and bool(successor.hooks.get("restore"))
+    #: Extra seconds a request gets beyond its own deadline (a retiring
+    #: worker's stop(), a snapshot's pickling, an exit after SIGKILL).
+    grace: float = 5.0
+    #: Crash restarts back off from this delay, doubling, up to backoff_max.
+    backoff_first: float = 0.1
+    backoff_max: float = 10.0
+    #: A hand-over that found connections still in flight is tried again after
+    #: busy_retry_first seconds, doubling, busy_retries times at most.
+    busy_retry_first: float = 2.0
+    busy_retries: int = 3
 
 
 @dataclass
@@ -186,6 +141,11 @@ class Services:
     spawn: Spawner
     digest: Callable[[BundleSource], Awaitable[str | None]]
     checkpoints: CheckpointStore | None = None
+    timings: Timings = Timings()
+
+
+#: Messages for the events a runner may still hold when it is closed.
+_CLOSING = Outcome(Result.FAILED, "the supervisor is shutting down")
 
 
 class BundleRunner:
@@ -197,129 +157,107 @@ class BundleRunner:
         self.svc = services
         #: Its records also go to the bundle's ring, for ``hotsup logs NAME``.
         self.log = logging.LoggerAdapter(log, {"bundle": self.name})
-        self.state = BundleState.STARTING
         self.current: Generation | None = None
+        # What status shows beside the state.
         self.restarts = 0
+        self.swaps = 0
         self.last_error: str | None = None
         self.last_swap_ms: float | None = None
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None  # unix time
-        self.swaps = 0
-        self._number = 0
-        self._tried: str | None = None  # the content digest last tried
-        self._last_state: bytes | None = None  # the newest snapshot we hold
-        self._state_of = 0  # the generation that snapshot was taken of
+        self._gens: dict[int, Generation] = {}  # every generation not yet reaped
+        self._number = 0  # the last generation number given
+        self._kept: Kept | None = None  # the newest state
         self._disk_read = False  # whether the checkpoint on disk was looked for
-        self._pending = False  # a request (file change, reload, ...) waits for a pass
-        self._checkpoint_due = False
-        self._checkpointing = False  # a checkpoint's snapshot() is running
-        self._timers: list[asyncio.Task[None]] = []
-        # The previous generation, paused and loaded, while the new one is on probation.
-        self._held: Generation | None = None
-        self._held_until: asyncio.TimerHandle | None = None
-        self._crashes: list[float] = []
+        self._tried: str | None = None  # the content digest last tried
+        self._passes = 0  # passes handled: none yet means still starting
+        self._down = False  # the operator took it down (`hotsup stop`)
+        self._closed = False
+        timings = services.timings
+        self._intensity = RestartIntensity(0, 0.0, timings.backoff_first, timings.backoff_max)
+        self._busy_retries = 0
         # The sockets to hold even while no generation does (a crash backoff,
         # a spawn in progress): those of the spec last served and of the one
         # being spawned. None once the bundle gave up or closed.
         self._serving: BundleSpec | None = None
         self._spawning: BundleSpec | None = None
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._force = False
-        self._gens: dict[int, Generation] = {}  # every generation not yet reaped
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._mailbox = Mailbox()
+        self._timers = Timers(self._mailbox)
         self._task: asyncio.Task[None] | None = None
-        self._busy_retries = 0
-        self._retry: asyncio.TimerHandle | None = None
-        # Who waits for the next pass's outcome (reload, stop, run), and
-        # whether the operator took the bundle down (``hotsup stop``).
-        self._waiters: list[asyncio.Future[dict[str, Any]]] = []
-        self._down = False
-        self._down_asked = asyncio.Event()
+        self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
+        self._pings: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type[Event], Callable[[Any], Coroutine[Any, Any, Outcome | None]]] = {
+            Pass: self._on_pass,
+            StopAsked: self._on_stop,
+            RunAsked: self._on_run,
+            Renamed: self._on_renamed,
+            Exited: self._on_exited,
+            RestartDue: self._on_restart_due,
+            RetryDue: self._on_retry_due,
+            CheckpointDue: self._on_checkpoint_due,
+            PingDue: self._on_ping_due,
+            PingDone: self._on_ping_done,
+            ProbationOver: self._on_probation_over,
+            Retired: self._on_retired,
+        }
 
     def start(self) -> None:
         """Start the bundle's loop; its first pass starts generation 1."""
-        self.request(force=True)
-        self._task = asyncio.ensure_future(self.run())
-        self._timers = [asyncio.ensure_future(self._ping_loop()),
-                        asyncio.ensure_future(self._checkpoint_loop())]
+        self._mailbox.put(Pass(force=True))
+        self._task = asyncio.ensure_future(self._loop())
 
-    # -- triggers -------------------------------------------------------------
+    # -- what the supervisor asks ----------------------------------------------------
 
     def request(self, force: bool = False) -> None:
-        """Ask for a pass: a swap if the content changed (or always, if ``force``).
+        """Ask for a pass: a swap if the content changed (or always, if ``force``)."""
+        self._mailbox.put(Pass(force))
 
-        Requests made while a swap runs coalesce into one more pass after it.
-        """
-        self._force = self._force or force
-        self._pending = True
-        self._wake.set()
-
-    def reload(self) -> asyncio.Future[dict[str, Any]]:
+    def reload(self) -> Waiter:
         """Swap now, even if nothing changed; the future gets the pass's report."""
-        return self._ask(force=True)
+        waiter = self._waiter()
+        self._mailbox.put(Pass(True, (waiter,)))
+        return waiter
 
-    def stop(self) -> asyncio.Future[dict[str, Any]]:
+    def stop(self) -> Waiter:
         """Take the bundle down (``hotsup stop``): retire its generation, close its
-        ports, ignore file changes until ``run()``."""
-        self._down = True
-        self._down_asked.set()  # cuts a crash backoff short
-        self._cancel_retry()
-        return self._ask(force=False)
+        ports, ignore file changes until ``run_again()``."""
+        waiter = self._waiter()
+        self._mailbox.put(StopAsked(waiter))
+        return waiter
 
-    def run_again(self) -> asyncio.Future[dict[str, Any]]:
+    def run_again(self) -> Waiter:
         """Bring a stopped or failed bundle back (``hotsup run``), as if its
         files were new: crash history and retries start afresh."""
-        self._down = False
-        self._down_asked.clear()
-        self._tried = None
-        return self._ask(force=True)
+        waiter = self._waiter()
+        self._mailbox.put(RunAsked(waiter))
+        return waiter
+
+    def rename(self, source: BundleSource) -> None:
+        """Carry on as ``source`` (its directory was renamed): generation, state
+        and sockets carry over; the code there is swapped in."""
+        self._mailbox.put(Renamed(source))
+
+    @property
+    def content(self) -> str | None:
+        """The digest of the content last tried (a renamed directory keeps it)."""
+        return self._tried
 
     @property
     def stopped(self) -> bool:
         return self._down
 
-    def _ask(self, force: bool) -> asyncio.Future[dict[str, Any]]:
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self.request(force)
-        return waiter
-
-    # -- the loop ---------------------------------------------------------------
-
-    async def run(self) -> None:
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            force, self._force = self._force, False
-            pending, self._pending = self._pending, False
-            waiters, self._waiters = self._waiters, []
-            started = time.monotonic()
-            outcome = Outcome(Result.FAILED, "the supervisor is shutting down")
-            try:
-                outcome = await self._pass(force, pending)
-            except Exception:
-                self.log.exception("%s: internal error in the swap loop", self.name)
-                outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
-            finally:  # also when close() cancels the pass: nobody waits for ever
-                self._answer(waiters, outcome, started)
-
-    async def _pass(self, force: bool, pending: bool) -> Outcome:
-        if self._down:
-            if self.state is BundleState.STOPPED:
-                return Outcome(Result.STOPPED, "already stopped")
-            return await self._take_down()
-        current = self.current
-        if current is not None and current.process.exited.done():
-            return await self._recover(current)
-        if self._checkpoint_due:
-            self._checkpoint_due = False
-            await self._checkpoint()
-        if not pending:
-            return Outcome(Result.UNCHANGED, "nothing asked")
-        return await self._advance(force)
+    @property
+    def state(self) -> BundleState:
+        """Derived from the generations, never assigned."""
+        if self._closed or self._down:
+            return BundleState.STOPPED
+        bringing_up = self._spawning is not None or any(
+            gen.state in (_S.SPAWNING, _S.LOADED) for gen in self._gens.values())
+        if self.current is not None:
+            return BundleState.SWAPPING if bringing_up else BundleState.RUNNING
+        if bringing_up or self._timers.armed("restart") or self._passes == 0:
+            return BundleState.STARTING
+        return BundleState.FAILED
 
     def report(self, outcome: Outcome, duration_ms: float) -> dict[str, Any]:
         """What ``hotsup reload/stop/run`` print for ``outcome`` (control.py's "report")."""
@@ -327,42 +265,6 @@ class BundleRunner:
                 "message": outcome.message,
                 "generation": self.current.number if self.current else None,
                 "duration_ms": _round(duration_ms)}
-
-    def _answer(self, waiters: list[asyncio.Future[dict[str, Any]]], outcome: Outcome,
-                started: float) -> None:
-        report = self.report(outcome, (time.monotonic() - started) * 1000)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(report)
-
-    async def close(self) -> None:
-        """Stop the loop (cutting short a swap or a backoff), retire every serving
-        generation (drain, stop(), exit), kill the others, release the sockets."""
-        self._closed = True
-        self._cancel_retry()
-        for task in [self._task, *self._timers]:
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._release_held(retire=False)  # retired below with the others
-        # The shut-down checkpoint, what a restarted supervisor resumes from:
-        # the serving generation's state once it has drained.
-        keep = self.current if self.current and self.current.hooks.get("snapshot") else None
-        self.current = None
-        self._serving = None
-        for gen in list(self._gens.values()):
-            if gen.state in (S.READY, S.PAUSED):
-                self._retire_later(gen, keep=gen is keep)
-            elif gen.state in (S.SPAWNING, S.LOADED, S.FAILED):  # FAILED: a discard cut short
-                await self._discard(gen, "shutting down")
-            # RETIRING and EXITED: their retire task, awaited below, finishes them
-        while self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
-        self.svc.sockets.release_unused(self, [])
-        self.state = BundleState.STOPPED
-        self._answer(self._waiters, Outcome(Result.FAILED, "the supervisor is shutting down"),
-                     time.monotonic())
-        self._waiters = []
 
     def status(self) -> dict[str, Any]:
         gen = self.current
@@ -384,9 +286,204 @@ class BundleRunner:
             "sockets": self.svc.sockets.addresses(self),
         }
 
-    # -- the steps --------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop the loop (cutting short a swap), retire every serving generation
+        (drain, stop(), exit), kill the others, release the sockets.
 
-    async def _advance(self, force: bool) -> Outcome:
+        Once the loop's task has ended, this is the runner's only writer.
+        """
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._timers.cancel_all()
+        for ping in list(self._pings):
+            ping.cancel()
+        await asyncio.gather(*self._pings, return_exceptions=True)
+        # The shut-down checkpoint, what a restarted supervisor resumes from:
+        # the serving generation's state once it has drained.
+        keep = self.current if self.current and self.current.hooks.snapshot else None
+        self.current = None
+        self._serving = None
+        for gen in list(self._gens.values()):
+            if gen.state in (_S.READY, _S.PAUSED, _S.HELD):
+                self._retire_later(gen, keep=gen is keep)
+            elif gen.state in (_S.SPAWNING, _S.LOADED, _S.FAILED):  # FAILED: a discard cut short
+                await gen.discard("shutting down")
+                self._forget(gen)
+            # RETIRING: its retire task, awaited below, finishes it
+        while True:  # every retirement recorded, every waiter answered
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+            for event in self._mailbox.drain():
+                if isinstance(event, Retired):
+                    await self._on_retired(event)
+                else:
+                    self._answer(event.waiters, _CLOSING, time.monotonic())
+            if not self._retiring:
+                break
+        self.svc.sockets.release_unused(self, [])
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            event = await self._mailbox.get()
+            if isinstance(event, Pass):
+                event = self._mailbox.merged(event)
+            started = time.monotonic()
+            outcome: Outcome | None = _CLOSING
+            try:
+                outcome = await self._handlers[type(event)](event)
+            except Exception:
+                self.log.exception("%s: internal error in the swap loop", self.name)
+                outcome = Outcome(Result.FAILED, "internal error (see the supervisor's log)")
+            finally:  # also when close() cancels the loop: nobody waits for ever
+                self._answer(event.waiters, outcome or Outcome(Result.UNCHANGED), started)
+
+    def _answer(self, waiters: tuple[Waiter, ...], outcome: Outcome, started: float) -> None:
+        if not waiters:
+            return
+        report = self.report(outcome, (time.monotonic() - started) * 1000)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(report)
+
+    # -- the handlers: each returns how it went (None: nothing to say) ---------------------
+
+    async def _on_pass(self, event: Pass) -> Outcome:
+        self._passes += 1
+        if self._down:
+            return Outcome(Result.STOPPED, f"stopped (`hotsup run {self.name}` brings it back)")
+        if self.current is not None and self.current.process.exited.done():
+            return await self._recover(self.current)  # its Exited event is still queued
+        return await self._advance(event.force, restarting=False)
+
+    async def _on_stop(self, event: StopAsked) -> Outcome:
+        if self._down and not any(gen.state in LIVE for gen in self._gens.values()):
+            return Outcome(Result.STOPPED, "already stopped")
+        self._down = True
+        self._timers.cancel("restart")
+        self._timers.cancel("retry")
+        self._end_probation()
+        gen, self.current = self.current, None
+        self._serving = None
+        self._disarm()
+        if gen is not None:
+            # Drain, keep its final state (`hotsup run` starts from it), stop(),
+            # exit; shielded: a shut-down meanwhile waits for it, not cuts it.
+            self._retire_later(gen, keep=gen.hooks.snapshot)
+        # Answered once every generation is gone and the ports with them.
+        retiring = dict(self._retiring)
+        for task, done in zip(retiring, await asyncio.shield(
+                asyncio.gather(*retiring, return_exceptions=True)), strict=True):
+            await self._on_retired(Retired(retiring[task],
+                                           done if isinstance(done, bytes) else None))
+        self._release_sockets()
+        self.log.info("%s: stopped", self.name)
+        return Outcome(Result.STOPPED, f"{gen.tag} retired" if gen else "nothing was running")
+
+    async def _on_run(self, event: RunAsked) -> Outcome:
+        if self.current is not None and not self._down:
+            return Outcome(Result.UNCHANGED, f"already {self.state.value}")
+        self._down = False
+        self._tried = None
+        self._passes += 1
+        return await self._advance(force=True, restarting=False)
+
+    async def _on_renamed(self, event: Renamed) -> Outcome | None:
+        old, self.source, self.name = self.name, event.source, event.source.name
+        self.log = logging.LoggerAdapter(log, {"bundle": self.name})
+        self.log.info("%s: renamed from %s; its generation, state and sockets carry over",
+                      self.name, old)
+        store = self.svc.checkpoints
+        if store is not None:  # its state is on disk under the new name, never the old
+            if self._kept is not None:
+                await self._write(self._kept)
+            try:
+                await asyncio.to_thread(store.discard, old)
+            except CheckpointError as exc:
+                self.log.error("%s: %s (remove it by hand: a bundle named %s would resume "
+                               "from it)", self.name, exc, old)
+        if self._down:
+            return None
+        return await self._advance(force=True, restarting=False)
+
+    async def _on_exited(self, event: Exited) -> Outcome | None:
+        gen = event.gen
+        if gen is self.current:
+            return await self._recover(gen)
+        if gen.state is _S.HELD:  # died on probation: there is no way back any more
+            self._timers.cancel("probation")
+            gen.move(_S.FAILED)
+            await gen.process.close()
+            self._forget(gen)
+        # Any other generation's exit is seen by the step that owns it.
+        return None
+
+    async def _on_restart_due(self, event: RestartDue) -> Outcome | None:
+        if self._down or self.current is not None:
+            return None
+        return await self._advance(force=True, restarting=True)
+
+    async def _on_retry_due(self, event: RetryDue) -> Outcome | None:
+        if self._down or self.current is None:
+            return None
+        return await self._advance(force=True, restarting=False)
+
+    async def _on_checkpoint_due(self, event: CheckpointDue) -> None:
+        gen = event.gen
+        if gen is not self.current or gen.state is not _S.READY:
+            return
+        data = await gen.snapshot()
+        if data is not None:
+            await self._keep(data, gen)
+        if gen is self.current:
+            self._arm_checkpoint(gen)
+
+    async def _on_ping_due(self, event: PingDue) -> None:
+        gen = event.gen
+        if gen is not self.current or gen.state is not _S.READY:
+            return
+        sent_at = asyncio.get_running_loop().time()
+
+        async def ping() -> None:
+            self._mailbox.put(PingDone(gen, sent_at, await gen.ping()))
+
+        task = asyncio.ensure_future(ping())
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
+
+    async def _on_ping_done(self, event: PingDone) -> None:
+        gen = event.gen
+        if gen is not self.current or gen.state is not _S.READY or gen.process.exited.done():
+            return
+        # A long request (a checkpoint's snapshot()) blocks the worker's loop
+        # too, with its own deadline: an answer to it since the ping was sent
+        # says the loop is alive.
+        if event.hung is not None and gen.answered_at < event.sent_at:
+            gen.hung = event.hung
+            self.log.error("%s: %s", gen.tag, gen.hung)
+            gen.process.kill()  # its exit comes as an event, and restarts it
+            return
+        self._arm_ping(gen)
+
+    async def _on_probation_over(self, event: ProbationOver) -> None:
+        if event.gen.state is _S.HELD:
+            self._retire_later(event.gen)
+
+    async def _on_retired(self, event: Retired) -> None:
+        gen = event.gen
+        if self._gens.get(gen.number) is not gen:  # recorded already (a stop waited for it)
+            return
+        gen.move(_S.EXITED)
+        if event.state is not None:
+            await self._keep(event.state, gen)
+        self._forget(gen)
+        self.log.info("%s: retired", gen.tag)
+
+    # -- the steps ----------------------------------------------------------------------
+
+    async def _advance(self, force: bool, restarting: bool) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
         digest = await self.svc.digest(self.source)
@@ -396,80 +493,92 @@ class BundleRunner:
             return Outcome(Result.UNCHANGED, "no change")
         if digest != self._tried:  # new content: a fresh start for its tries and restarts
             self._busy_retries = 0
-            self._crashes.clear()
+            self._intensity.reset()
         self._tried = digest
-        self._cancel_retry()  # this pass is the try it was waiting for
+        self._timers.cancel("retry")  # this pass is the try it was waiting for
+        self._timers.cancel("restart")  # ... and so is this one: start now
         try:
             spec = load_bundle(self.source, self.svc.config)
         except ConfigError as exc:
             message = "cannot load the bundle: " + "; ".join(exc.problems)
             if self.current is not None:
-                return self._report(message, BundleState.RUNNING, Result.ROLLED_BACK)
-            return self._report(message, BundleState.FAILED)
+                return self._record_error(message, Result.ROLLED_BACK)
+            if restarting and self._serving is not None:
+                return self._crashed(message, self._serving)
+            return self._record_error(message, Result.FAILED)
         if self.current is None:
             if not self._disk_read:
                 self._disk_read = True
-                self._last_state = await self._read_checkpoint() or self._last_state
-            return await self._start(spec, self._last_state)
+                kept = await self._read_checkpoint()
+                self._kept = kept or self._kept
+            return await self._start(spec, restarting)
         return await self._swap(spec, started)
 
-    async def _start(self, spec: BundleSpec, state: bytes | None) -> Outcome:
+    async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""
-        self.state = BundleState.STARTING
         try:
             new = await self._spawn(spec)
         except SwapAborted as exc:
-            return self._report(str(exc), BundleState.FAILED)
+            return self._crashed(str(exc), spec) if restarting \
+                else self._record_error(str(exc), Result.FAILED)
         given: bytes | None = None
         try:
-            await self._load(new)
-            given = state if new.hooks.get("restore") else None
-            await self._begin(new, given)
+            await new.load()
+            given = self._kept.data if self._kept is not None and new.hooks.restore else None
+            await new.begin(given)
         except SwapAborted as exc:
-            await self._discard(new, str(exc))
+            await new.discard(str(exc))
+            self._forget(new)
             hint = ""
             if given is not None and self.svc.checkpoints is not None:
                 hint = (f" (if the saved state does not suit this code, fix restore() or "
                         f"delete {self.svc.checkpoints.path(self.name)} to start without it)")
-                self._last_state, self._disk_read = None, False  # the next start reads it anew
-            return self._report(f"{new.tag} did not start: {exc}{hint}", BundleState.FAILED)
+                self._kept, self._disk_read = None, False  # the next start reads it anew
+            message = f"{new.tag} did not start: {exc}{hint}"
+            return self._crashed(message, spec) if restarting \
+                else self._record_error(message, Result.FAILED)
         self._make_current(new, spec)
         self.log.info("%s: serving (pid %s)", new.tag, new.process.pid)
+        if restarting:  # last_error still says why it had to be
+            return Outcome(Result.RESTARTED, f"{new.tag} serving")
+        self.last_error = None  # a start of new content, or `hotsup run`: the old error is past
         return Outcome(Result.STARTED, f"{new.tag} serving")
 
     async def _swap(self, spec: BundleSpec, started: float) -> Outcome:
         old = self.current
         assert old is not None
-        self._release_held()  # newer code serves: the one held before it is obsolete
-        self.state = BundleState.SWAPPING
+        self._end_probation()  # newer code serves: the one held before it is obsolete
         try:
             new = await self._spawn(spec)
         except SwapAborted as exc:
-            return self._report(f"swap aborted, {old.tag} keeps serving: {exc}",
-                                BundleState.RUNNING, Result.ROLLED_BACK)
+            return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
+                                      Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: bytes | None = None
         try:
-            await self._load(new)
+            await new.load()
             if old.hands_over_to(new):
                 paused_at = time.monotonic()
-                snapshot = await self._pause(old)
-                await self._begin(new, snapshot)
-                self._last_state = snapshot
+                snapshot = await old.pause()
+                await new.begin(snapshot)
             else:
-                await self._begin(new, None)
+                await new.begin(None)
         except Exception as exc:
-            await self._discard(new, str(exc))
-            resumed = old.state is not S.PAUSED or await self._resume(old, snapshot)
+            await new.discard(str(exc))
+            self._forget(new)
+            resumed = old.state is not _S.PAUSED or await old.resume()
+            if not resumed and snapshot is not None:
+                # It is being killed; its exit restarts the bundle, from this
+                # snapshot: it holds everything, nothing was accepted since.
+                self._kept = Kept(old.number, snapshot)
             if not isinstance(exc, SwapAborted):
-                raise  # a bug: run() logs it; the old generation is serving again
+                raise  # a bug: the loop logs it; the old generation is serving again
             if resumed:
                 again = self._retry_later() if exc.transient else ""
-                return self._report(f"swap to {new.tag} rolled back, {old.tag} keeps serving: "
-                                    f"{exc}{again}", BundleState.RUNNING, Result.ROLLED_BACK)
-            return self._report(f"swap to {new.tag} rolled back: {exc}; {old.tag} could not "
-                                f"resume and is restarted", BundleState.STARTING,
-                                Result.ROLLED_BACK)
+                return self._record_error(f"swap to {new.tag} rolled back, {old.tag} keeps "
+                                          f"serving: {exc}{again}", Result.ROLLED_BACK)
+            return self._record_error(f"swap to {new.tag} rolled back: {exc}; {old.tag} could "
+                                      f"not resume and is restarted", Result.ROLLED_BACK)
         ready_at = time.monotonic()
         self._make_current(new, spec)
         self.last_error = None
@@ -483,62 +592,81 @@ class BundleRunner:
                       self.last_swap_ms, mode, self.last_pause_ms)
         await self._hold(old, new.spec.timing.probation)
         if snapshot is not None:
-            await self._keep_state(snapshot, old)
+            await self._keep(snapshot, old)
         return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
                                        f"{self.last_pause_ms:.1f} ms)")
 
-    async def _take_down(self) -> Outcome:
-        """``hotsup stop``: retire the serving generation and close the ports."""
-        self._release_held()
-        gen, self.current = self.current, None
-        self._serving = None
-        if gen is not None:
-            # Drain, keep its final state (`hotsup run` starts from it), stop(),
-            # exit; shielded: a shut-down meanwhile waits for it, not cuts it.
-            await asyncio.shield(self._retire_later(gen, keep=bool(gen.hooks.get("snapshot"))))
-        self._release_sockets()
-        self.state = BundleState.STOPPED
-        self.log.info("%s: stopped", self.name)
-        return Outcome(Result.STOPPED, f"{gen.tag} retired" if gen else "nothing was running")
-
     async def _recover(self, crashed: Generation) -> Outcome:
-        """The serving generation died: restart it with backoff, within the
-        restart intensity (more than max_restarts in restart_window: give up)."""
+        """The serving generation died: the held one serves again if there is
+        one, else a restart after a backoff."""
         how = crashed.hung or await crashed.process.describe_exit()
-        self._move(crashed, S.FAILED)
-        await self._forget(crashed)
+        crashed.move(_S.FAILED)
+        await crashed.process.close()
+        self._forget(crashed)
         self.current = None
+        self._disarm()
         error = f"{crashed.tag} {how} while serving"
-        held = self._release_held(retire=False)
+        held = self._held()
         if held is not None:
-            outcome = await self._fall_back(held, crashed, error)
+            self._timers.cancel("probation")
+            outcome = await self._fall_back(held, error)
             if outcome is not None:
                 return outcome
-        timing = crashed.spec.timing
-        while self.current is None:
-            now = time.monotonic()
-            self._crashes = [t for t in self._crashes if now - t < timing.restart_window]
-            self._crashes.append(now)
-            if len(self._crashes) > timing.max_restarts:
-                failures, self._crashes = len(self._crashes), []  # new content: a clean slate
-                self._serving = None
-                self._release_sockets()  # refuse clients rather than leave them queued
-                return self._report(f"{error}; {failures} failures within "
-                                    f"{timing.restart_window:g}s, giving up until the files "
-                                    f"change or `hotsup run {self.name}`", BundleState.FAILED)
-            delay = min(BACKOFF_FIRST * 2 ** (len(self._crashes) - 1), BACKOFF_MAX)
-            self._report(f"{error}; restarting in {delay:.1f}s", BundleState.STARTING)
-            self.restarts += 1
-            # A backoff: close() cancels it, stop() cuts it short.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._down_asked.wait(), delay)
-            if self._down:
-                return Outcome(Result.STOPPED, f"{error}; stopped before the restart")
-            await self._advance(force=True)
-            error = self.last_error or "the restart failed"
-        return Outcome(Result.RESTARTED, f"{crashed.tag} crashed; {self.current.tag} serving")
+        return self._crashed(error, crashed.spec)
 
-    # -- one generation's moves ------------------------------------------------
+    def _crashed(self, error: str, spec: BundleSpec) -> Outcome:
+        """Nothing serves after ``error``: arm the restart, within the restart
+        intensity of ``spec`` (more than max_restarts in restart_window: give up)."""
+        self._intensity.max_restarts = spec.timing.max_restarts
+        self._intensity.window = spec.timing.restart_window
+        verdict = self._intensity.record(time.monotonic())
+        if isinstance(verdict, GiveUp):
+            self._serving = None
+            self._release_sockets()  # refuse clients rather than leave them queued
+            return self._record_error(f"{error}; {verdict.failures} failures within "
+                                      f"{verdict.window:g}s, giving up until the files "
+                                      f"change or `hotsup run {self.name}`", Result.FAILED)
+        self.restarts += 1
+        self._timers.arm("restart", verdict, RestartDue())
+        return self._record_error(f"{error}; restarting in {verdict:.1f}s", Result.RESTARTED)
+
+    async def _fall_back(self, held: Generation, error: str) -> Outcome | None:
+        """The new generation died on probation: the held one serves again, with
+        the newest checkpoint if one was taken of its successor. None if it
+        cannot (the caller restarts the bundle instead)."""
+        if held.process.exited.done():
+            self._retire_later(held)  # reaps it
+            return None
+        kept = self._kept
+        newer = kept.data if kept is not None and kept.generation > held.number \
+            and held.hooks.restore else None
+        if not await held.resume(newer):
+            self._retire_later(held)  # killed by resume(): reap it
+            return None
+        self._make_current(held, held.spec)
+        if kept is not None:  # its own state is the newest from here on
+            self._kept = Kept(held.number, kept.data)
+        self._release_sockets()  # addresses only the dead one had
+        return self._record_error(
+            f"{error}, on probation: swap rolled back, {held.tag} serves again"
+            f"{' from the newest checkpoint' if newer else ''} (the same files are not tried "
+            f"again until they change)", Result.ROLLED_BACK)
+
+    async def _hold(self, old: Generation, probation: float) -> None:
+        """Keep the replaced generation paused and loaded for ``probation`` seconds
+        (retire it at once if 0): the way back if its successor dies."""
+        if probation <= 0 or old.process.exited.done() or not await old.hold():
+            self._retire_later(old)
+            return
+        self._timers.arm("probation", probation, ProbationOver(old))
+
+    def _end_probation(self) -> None:
+        held = self._held()
+        self._timers.cancel("probation")
+        if held is not None:
+            self._retire_later(held)
+
+    # -- generations and their resources ------------------------------------------------
 
     async def _spawn(self, spec: BundleSpec) -> Generation:
         self._spawning = spec
@@ -552,186 +680,83 @@ class BundleRunner:
             raise SwapAborted(str(exc)) from None
         finally:
             self._spawning = None
-        gen = Generation(self._number, spec, process)
+        gen = Generation(self._number, spec, process, self.svc.timings.grace)
         self._gens[gen.number] = gen
-        process.exited.add_done_callback(lambda _: self._on_exit(gen))
+        process.exited.add_done_callback(lambda _: self._mailbox.put(Exited(gen)))
         self.log.debug("%s: spawned pid %d", gen.tag, process.pid)
         return gen
 
-    async def _load(self, gen: Generation) -> None:
-        try:
-            loaded = await gen.process.wait_loaded(gen.spec.timing.start_timeout)
-        except WorkerError as exc:
-            raise SwapAborted(f"loading: {exc}") from None
-        gen.hooks = dict(loaded.get("hooks", {}))
-        self._move(gen, S.LOADED)
+    def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
+        self.current = gen
+        gen.serving_since = time.monotonic()
+        self._serving = spec
+        self._arm_ping(gen)
+        self._arm_checkpoint(gen)
 
-    async def _begin(self, gen: Generation, snapshot: bytes | None) -> None:
-        """restore(snapshot) if any, then start(): LOADED -> READY.
+    def _arm_ping(self, gen: Generation) -> None:
+        interval = gen.spec.timing.ping_interval
+        if interval > 0:
+            self._timers.arm("ping", interval, PingDue(gen))
 
-        The worker accepts nothing until start() returned, so a generation
-        that fails here has no connection to lose when it is killed.
-        """
-        try:
-            await gen.process.call(P.OP_START, gen.spec.timing.start_timeout, snapshot)
-        except WorkerError as exc:
-            raise SwapAborted(str(exc)) from None
-        self._move(gen, S.READY)
+    def _arm_checkpoint(self, gen: Generation) -> None:
+        interval = gen.spec.timing.checkpoint_interval
+        if interval > 0 and gen.hooks.snapshot:
+            self._timers.arm("checkpoint", interval, CheckpointDue(gen))
 
-    async def _pause(self, gen: Generation) -> bytes:
-        """Stop accepting, let in-flight connections finish, take the snapshot."""
-        self._move(gen, S.PAUSED)
-        timing = gen.spec.timing
-        try:
-            _, snapshot = await gen.process.call(
-                P.OP_PAUSE, timing.quiesce_timeout + STOP_GRACE,
-                quiesce_timeout=timing.quiesce_timeout, snapshot=True,
-                max_bytes=timing.max_snapshot_bytes)
-        except WorkerError as exc:
-            raise SwapAborted(f"{gen.tag} could not hand over its state: {exc}",
-                              transient=exc.kind == "Busy") from None
-        if snapshot is None:
-            raise SwapAborted(f"{gen.tag} sent no snapshot")
-        return snapshot
+    def _disarm(self) -> None:
+        """No generation is current: its timers go."""
+        self._timers.cancel("ping")
+        self._timers.cancel("checkpoint")
 
-    async def _resume(self, gen: Generation, snapshot: bytes | None,
-                      state: bytes | None = None) -> bool:
-        """PAUSED -> READY (restoring ``state`` first, if given); False if it
-        could not, and is being restarted instead."""
-        timing = gen.spec.timing
-        # The worker answers in order: a resume waits behind a pause whose
-        # snapshot() is still running (slower than quiesce_timeout), so it
-        # gets that long again and start_timeout on top before we give up.
-        deadline = timing.quiesce_timeout + STOP_GRACE + timing.start_timeout
-        try:
-            await gen.process.call(P.OP_RESUME, deadline, state)
-        except WorkerError as exc:
-            # Frozen, or still inside snapshot(). Kill it: its exit wakes the
-            # loop, which restarts the bundle, from this snapshot if we have
-            # one (it holds everything: nothing was accepted since).
-            self.log.error("%s: could not resume (%s); restarting it", gen.tag, exc)
-            if snapshot is not None:
-                self._last_state = snapshot
-            gen.process.kill()
-            return False
-        self._move(gen, S.READY)
-        return True
+    def _held(self) -> Generation | None:
+        return next((gen for gen in self._gens.values() if gen.state is _S.HELD), None)
 
-    async def _hold(self, old: Generation, probation: float) -> None:
-        """Keep the replaced generation paused and loaded for ``probation`` seconds
-        (retire it at once if 0): the way back if its successor dies."""
-        if probation <= 0 or old.process.exited.done():
-            self._retire_later(old)
-            return
-        if old.state is S.READY:  # overlap mode: it still accepts; in-flight ones finish
-            self._move(old, S.PAUSED)
-            try:
-                await old.process.call(P.OP_PAUSE, STOP_GRACE, wait=False)
-            except WorkerError as exc:
-                self.log.warning("%s: could not be held for probation: %s", old.tag, exc)
-                self._retire_later(old)
-                return
-        self._held = old
-        self._held_until = asyncio.get_running_loop().call_later(probation, self._release_held)
+    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[bytes | None]:
+        """Retire ``gen`` in a task of its own; its end comes as a ``Retired`` event
+        (close() waits for every one)."""
+        gen.move(_S.RETIRING)
+        task = asyncio.ensure_future(gen.retire(keep))
+        self._retiring[task] = gen
 
-    def _release_held(self, retire: bool = True) -> Generation | None:
-        """End the probation: retire the held generation (or just hand it back)."""
-        held, self._held = self._held, None
-        if self._held_until is not None:
-            self._held_until.cancel()
-            self._held_until = None
-        if held is not None and retire and held.state is S.PAUSED:
-            self._retire_later(held)
-        return held
+        def done(task: asyncio.Task[bytes | None]) -> None:
+            del self._retiring[task]
+            state = None if task.cancelled() or task.exception() else task.result()
+            self._mailbox.put(Retired(gen, state))
 
-    async def _fall_back(self, held: Generation, crashed: Generation,
-                         error: str) -> Outcome | None:
-        """The new generation died on probation: the held one serves again, with
-        the newest checkpoint if one was taken of its successor. None if it
-        cannot (the caller restarts the bundle instead)."""
-        if held.state is not S.PAUSED:
-            return None
-        if held.process.exited.done():
-            self._retire_later(held)  # reaps it
-            return None
-        newer = self._last_state if self._state_of > held.number \
-            and held.hooks.get("restore") else None
-        if not await self._resume(held, None, newer):
-            self._retire_later(held)  # killed by _resume: reap it
-            return None
-        self._make_current(held, held.spec)
-        self._state_of = held.number  # its own state is the newest from here on
-        self._release_sockets()  # addresses only the dead one had
-        return self._report(f"{error}, on probation: swap rolled back, {held.tag} serves again"
-                            f"{' from the newest checkpoint' if newer else ''} (the same files "
-                            f"are not tried again until they change)", BundleState.RUNNING,
-                            Result.ROLLED_BACK)
+        task.add_done_callback(done)
+        return task
 
-    async def _ping_loop(self) -> None:
-        """Ping the serving generation: a loop blocked past ping_timeout is hung."""
-        while True:
-            timing = self._serving.timing if self._serving is not None else None
-            interval = timing.ping_interval if timing is not None else 0.0
-            await asyncio.sleep(interval or 1.0)
-            gen = self.current
-            if not interval or gen is None or gen.state is not S.READY:
-                continue
-            timeout = gen.spec.timing.ping_timeout
-            try:
-                await gen.process.call(P.OP_PING, timeout)
-            except WorkerError:
-                # A long snapshot() blocks the loop too, with its own deadline.
-                if gen is self.current and gen.state is S.READY and not self._checkpointing \
-                        and not gen.process.exited.done():
-                    gen.hung = (f"did not answer a ping within {timeout:g}s (its event loop "
-                                f"is blocked) and was killed")
-                    self.log.error("%s: %s", gen.tag, gen.hung)
-                    gen.process.kill()  # its exit wakes the loop, which restarts it
+    def _forget(self, gen: Generation) -> None:
+        self._gens.pop(gen.number, None)
+        self._release_sockets()
 
-    async def _checkpoint_loop(self) -> None:
-        """Ask the loop for a checkpoint every checkpoint_interval."""
-        while True:
-            timing = self._serving.timing if self._serving is not None else None
-            interval = timing.checkpoint_interval if timing is not None else 0.0
-            await asyncio.sleep(interval or 1.0)
-            if interval and self.current is not None and self.current.hooks.get("snapshot"):
-                self._checkpoint_due = True
-                self._wake.set()
+    def _release_sockets(self) -> None:
+        """Close the sockets that neither a live generation nor the bundle still needs."""
+        keep = [g.spec for g in self._gens.values()]
+        keep += [spec for spec in (self._serving, self._spawning) if spec is not None]
+        self.svc.sockets.release_unused(self, keep)
 
-    async def _checkpoint(self) -> None:
-        """Snapshot the serving generation without pausing it, and keep that."""
-        gen = self.current
-        if gen is None or gen.state is not S.READY:
-            return
-        timing = gen.spec.timing
-        self._checkpointing = True
-        try:
-            _, data = await gen.process.call(P.OP_SNAPSHOT, timing.quiesce_timeout + STOP_GRACE,
-                                             max_bytes=timing.max_snapshot_bytes)
-        except WorkerError as exc:
-            self.log.error("%s: checkpoint failed: %s", gen.tag, exc)
-            return
-        finally:
-            self._checkpointing = False
-        if data is not None:
-            await self._keep_state(data, gen)
+    # -- state kept --------------------------------------------------------------------
 
-    async def _keep_state(self, data: bytes, gen: Generation) -> None:
+    async def _keep(self, data: bytes, gen: Generation) -> None:
         """The newest state, in memory and (atomically) on disk."""
-        self._last_state = data
-        self._state_of = gen.number
+        self._kept = Kept(gen.number, data)
+        await self._write(self._kept)
+
+    async def _write(self, kept: Kept) -> None:
         store = self.svc.checkpoints
         if store is None:
             return
+        tag = f"{self.name}@{kept.generation}"
         try:
-            saved = await asyncio.to_thread(store.save, self.name, gen.number, data)
+            saved = await asyncio.to_thread(store.save, self.name, kept.generation, kept.data)
         except CheckpointError as exc:  # kept in memory: a crash restart still has it
-            self.log.error("%s: checkpoint not written: %s", gen.tag, exc)
+            self.log.error("%s: checkpoint not written: %s", tag, exc)
             return
-        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", gen.tag, saved.size,
+        self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, saved.size,
                        saved.duration * 1000)
 
-    async def _read_checkpoint(self) -> bytes | None:
+    async def _read_checkpoint(self) -> Kept | None:
         """The state a previous supervisor left on disk, if it is sound."""
         store = self.svc.checkpoints
         if store is None:
@@ -741,113 +766,38 @@ class BundleRunner:
         except CheckpointError as exc:
             self.log.error("%s: %s; starting without it", self.name, exc)
             return None
-        if found is not None:
-            self.log.info("%s: resuming from the checkpoint of generation %d (%d bytes, %s)",
-                          self.name, found.generation, found.size,
-                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created)))
-            return found.payload
-        return None
+        if found is None:
+            return None
+        self.log.info("%s: resuming from the checkpoint of generation %d (%d bytes, %s)",
+                      self.name, found.generation, found.size,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created)))
+        return Kept(0, found.payload)  # older than any generation of this run
 
-    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[None]:
-        """Retire ``gen`` in a task of its own (close() waits for every one)."""
-        task = asyncio.ensure_future(self._retire(gen, keep))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-        return task
-
-    async def _retire(self, gen: Generation, keep: bool = False) -> None:
-        """Ask (retire: drain, stop(), exit), wait until the deadline, kill, reap.
-
-        ``keep``: take its snapshot once drained (nothing changes it after
-        that) and keep it as the newest state, on disk too.
-        """
-        self._move(gen, S.RETIRING)
-        timing = gen.spec.timing
-        drain = timing.drain_timeout
-        try:
-            _, state = await gen.process.call(P.OP_RETIRE, drain + STOP_GRACE,
-                                              drain_timeout=drain, snapshot=keep,
-                                              max_bytes=timing.max_snapshot_bytes)
-            if keep and state is not None:
-                await self._keep_state(state, gen)
-        except WorkerError as exc:
-            self.log.warning("%s: retire: %s", gen.tag, exc)
-        if not await gen.process.wait_exit(STOP_GRACE):
-            self.log.warning("%s: still running after retiring; killing it", gen.tag)
-        gen.process.kill()  # the whole group: helpers it left behind too
-        await gen.process.wait_exit(STOP_GRACE)
-        self._move(gen, S.EXITED)
-        await self._forget(gen)
-        self._release_sockets()
-        self.log.info("%s: retired", gen.tag)
-
-    async def _discard(self, gen: Generation, why: str) -> None:
-        """Kill a generation that will never serve (or a discard cut short), and reap it."""
-        if gen.state is not S.FAILED:
-            self._move(gen, S.FAILED)
-        gen.process.kill()
-        if not await gen.process.wait_exit(STOP_GRACE):
-            self.log.error("%s: did not exit after SIGKILL", gen.tag)
-        await self._forget(gen)
-        self._release_sockets()
-        self.log.debug("%s: discarded: %s", gen.tag, why)
-
-    async def _forget(self, gen: Generation) -> None:
-        await gen.process.close()
-        self._gens.pop(gen.number, None)
-
-    def _move(self, gen: Generation, to: GenState) -> None:
-        if to not in MOVES[gen.state]:
-            raise IllegalMove(f"{gen.tag}: {gen.state.value} -> {to.value} is not a legal move")
-        self.log.debug("%s: %s -> %s", gen.tag, gen.state.value, to.value)
-        gen.state = to
-
-    # -- helpers ------------------------------------------------------------------
-
-    def _on_exit(self, gen: Generation) -> None:
-        # Only the serving generation's death needs the loop (the others are
-        # awaited by the step that owns them). A pass at any other moment
-        # could read a file in mid-write.
-        if gen is self.current and not self._closed:
-            self._wake.set()
+    # -- helpers --------------------------------------------------------------------------
 
     def _retry_later(self) -> str:
         """Schedule another try of the same content; what to add to the report."""
-        self._cancel_retry()
-        if self._busy_retries >= BUSY_RETRIES:
-            return f"; gave up after {BUSY_RETRIES} tries (SIGHUP or an edit tries again)"
-        delay = BUSY_RETRY_FIRST * 2 ** self._busy_retries
+        timings = self.svc.timings
+        if self._busy_retries >= timings.busy_retries:
+            return f"; gave up after {timings.busy_retries} tries (SIGHUP or an edit tries again)"
+        delay = timings.busy_retry_first * 2 ** self._busy_retries
         self._busy_retries += 1
-        self._retry = asyncio.get_running_loop().call_later(delay, self.request, True)
+        self._timers.arm("retry", delay, RetryDue())
         return f"; trying again in {delay:g}s"
 
-    def _cancel_retry(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+    def _waiter(self) -> Waiter:
+        return asyncio.get_running_loop().create_future()
 
-    def _make_current(self, gen: Generation, spec: BundleSpec) -> None:
-        self.current = gen
-        gen.serving_since = time.monotonic()
-        self._serving = spec
-        self.state = BundleState.RUNNING
-        if gen.process.exited.done():  # it died while we made it current
-            self._wake.set()
-
-    def _release_sockets(self) -> None:
-        """Close the sockets that neither a live generation nor the bundle still needs."""
-        keep = [g.spec for g in self._gens.values()]
-        keep += [spec for spec in (self._serving, self._spawning) if spec is not None]
-        self.svc.sockets.release_unused(self, keep)
-
-    def _report(self, message: str, state: BundleState,
-                result: Result = Result.FAILED) -> Outcome:
-        """An error for the log and status; the bundle is now in ``state``."""
+    def _record_error(self, message: str, result: Result) -> Outcome:
+        """Set ``message`` as the bundle's last_error and log it at ERROR."""
         self.last_error = message
-        self.state = state
         self.log.error("%s: %s", self.name, message)
         return Outcome(result, message)
 
 
 def _round(value: float | None) -> float | None:
     return round(value, 1) if value is not None else None
+
+
+__all__ = ["BundleRunner", "BundleState", "Kept", "Outcome", "Result", "Services", "Spawner",
+           "Timings", "Worker"]

@@ -9,6 +9,7 @@ killed by pid: never by name.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEADLINE = 15.0
 
@@ -162,6 +164,15 @@ def write_bundle(directory: Path, source: str, port: int, module: str = "counter
 
 # -- the supervisor ---------------------------------------------------------------
 
+def serve_counter(sup: Hotsup, **source: str) -> int:
+    """The usual first step: a counter bundle (``counter_source(**source)``) on a
+    free port, started and serving; its port."""
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0", **source), port)
+    sup.start_serving("counter")
+    return port
+
+
 class Hotsup:
     """A ``hotsup start`` subprocess over a config in ``root``."""
 
@@ -187,6 +198,19 @@ class Hotsup:
                 start_new_session=True, env=env,
             )
         return self
+
+    def start_serving(self, *names: str, env: dict[str, str] | None = None) -> Hotsup:
+        """Start, and wait until generation 1 of each bundle named serves."""
+        self.start(env)
+        for name in names:
+            self.wait_log(rf"{re.escape(name)}@1: serving")
+        return self
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """``hotsup status --json``: each bundle's object, by name."""
+        done = self.cli("status", "--json")
+        assert done.returncode == 0, done.stderr
+        return {b["name"]: b for b in json.loads(done.stdout)["bundles"]}
 
     @property
     def pid(self) -> int:

@@ -107,8 +107,7 @@ def start_web(hotsup: MakeHotsup, source: str, config_extra: str = "",
     sup = hotsup(config_extra)
     port = free_port()
     write_asgi(sup, source, port, **bundle)
-    sup.start()
-    sup.wait_log(r"web@1: serving")
+    sup.start_serving("web")
     return sup, port
 
 

@@ -27,6 +27,7 @@ from harness import (
     port_open,
     request,
     save,
+    serve_counter,
     wait_for,
     write_bundle,
 )
@@ -49,22 +50,13 @@ LOGS_ON_START = "self.ctx.log.info('started %s', TAG)"
 
 def start_counter(hotsup: MakeHotsup, config_extra: str = "") -> tuple[Hotsup, int]:
     sup = hotsup(config_extra)
-    port = free_port()
-    write_bundle(sup.bundles / "counter", counter_source("v0", start=LOGS_ON_START), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    return sup, port
+    return sup, serve_counter(sup, start=LOGS_ON_START)
 
 
 def edit(sup: Hotsup, tag: str, **fragments: str) -> None:
     save(sup.bundles / "counter" / "counter.py",
          counter_source(tag, **{"start": LOGS_ON_START, **fragments}))
 
-
-def status(sup: Hotsup) -> dict[str, dict[str, object]]:
-    done = sup.cli("status", "--json")
-    assert done.returncode == 0, done.stderr
-    return {b["name"]: b for b in json.loads(done.stdout)["bundles"]}
 
 
 def test_status_prints_a_table_and_the_json_of_the_design(hotsup: MakeHotsup) -> None:
@@ -104,7 +96,7 @@ def test_reload_reports_the_swap_and_a_rollback(hotsup: MakeHotsup) -> None:
     assert (report["result"], report["ok"], report["generation"]) == ("rolled back", False, 2)
     assert "RuntimeError: start exploded" in report["message"]
     assert isinstance(report["duration_ms"], float)
-    assert status(sup)["counter"]["last_error"] == report["message"]
+    assert sup.status()["counter"]["last_error"] == report["message"]
     assert request(port, "get").startswith("count=1 generation=2"), "the old one serves"
 
     text = sup.cli("reload", "counter")
@@ -136,8 +128,8 @@ def test_stop_closes_the_port_and_run_brings_the_state_back(hotsup: MakeHotsup) 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("counter: stopped in "), done.stdout
     assert not port_open(port), "a stopped bundle refuses connections"
-    assert status(sup)["counter"]["state"] == "stopped"
-    assert status(sup)["counter"]["pid"] is None
+    assert sup.status()["counter"]["state"] == "stopped"
+    assert sup.status()["counter"]["pid"] is None
     refused = sup.cli("reload", "counter")
     assert refused.returncode == 1 and "is stopped" in refused.stderr, refused.stderr
     assert sup.cli("stop", "counter").stdout.startswith("counter: stopped")  # idempotent
@@ -146,7 +138,7 @@ def test_stop_closes_the_port_and_run_brings_the_state_back(hotsup: MakeHotsup) 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("counter: started in "), done.stdout
     assert request(port, "get").startswith("count=3 generation=2"), "the count survived"
-    assert status(sup)["counter"]["state"] == "running"
+    assert sup.status()["counter"]["state"] == "running"
     again = sup.cli("run", "counter")
     assert again.returncode == 0 and "unchanged" in again.stdout and "already running" in \
         again.stdout, again.stdout
@@ -313,7 +305,7 @@ def test_garbage_on_the_control_socket_gets_an_error_reply(
     assert reply["ok"] is False and reply["v"] == 1
     assert reply["error"] == error
     assert reply["id"] == ("a" if b'"id": "a"' in frames[0] else None)
-    assert status(sup)["counter"]["state"] == "running", "the supervisor is unharmed"
+    assert sup.status()["counter"]["state"] == "running", "the supervisor is unharmed"
 
 
 def test_an_oversized_request_is_dropped_and_the_supervisor_goes_on(
@@ -332,7 +324,7 @@ def test_an_oversized_request_is_dropped_and_the_supervisor_goes_on(
         monitor.close()
     with pytest.raises(zmq.Again):
         sock.recv(zmq.NOBLOCK)
-    assert status(sup)["counter"]["state"] == "running"
+    assert sup.status()["counter"]["state"] == "running"
     assert sup.proc is not None and sup.proc.poll() is None
 
 
@@ -397,10 +389,9 @@ def test_another_user_cannot_reach_the_control_socket(hotsup: MakeHotsup) -> Non
         write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
         sup.config.write_text(sup.config.read_text().replace(
             'run_dir = ".hotsup"', f'run_dir = "{parent / "run"}"'))
-        sup.start()
-        sup.wait_log(r"counter@1: serving")
+        sup.start_serving("counter")
         assert connect_as(_nobody(), parent / "run" / "control") == "PermissionError"
-        assert status(sup)["counter"]["state"] == "running", "we, the owner, still can"
+        assert sup.status()["counter"]["state"] == "running", "we, the owner, still can"
     finally:
         shutil.rmtree(parent, ignore_errors=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import pickle
 import re
@@ -43,7 +42,9 @@ from harness import (
     write_bundle,
 )
 from hotsup.supervisor.checkpoint import CheckpointStore
-from hotsup.supervisor.swap import STOP_GRACE
+from hotsup.supervisor.swap import Timings
+
+STOP_GRACE = Timings().grace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,11 +92,6 @@ def start_bundle(sup: Hotsup, name: str, source: str, port: int | None = None,
     write_bundle(sup.bundles / name, source, port, module=name, extra=extra)
     return port
 
-
-def status(sup: Hotsup) -> dict[str, dict[str, Any]]:
-    done = sup.cli("status", "--json")
-    assert done.returncode == 0, done.stderr
-    return {b["name"]: b for b in json.loads(done.stdout)["bundles"]}
 
 
 def wait_checkpoint(sup: Hotsup, tag: str) -> None:
@@ -145,14 +141,13 @@ def test_a_crash_restarts_from_the_last_checkpoint(hotsup: MakeHotsup, crash: st
     admin = free_port()
     port = start_bundle(sup, "counter", armed("v0", fault or "pass"),
                         extra=admin_socket(admin))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     with Load(port, clients=3) as load:
         load.wait_reply(lambda r: r.count >= 30)
     load.assert_consistent()
     served = len(load.replies)
     wait_checkpoint(sup, "counter@1")
-    pid = status(sup)["counter"]["pid"]
+    pid = sup.status()["counter"]["pid"]
 
     if fault is None:
         os.kill(pid, signal.SIGKILL)
@@ -166,7 +161,7 @@ def test_a_crash_restarts_from_the_last_checkpoint(hotsup: MakeHotsup, crash: st
     assert request(port) == f"count={served + 1} generation=2 tag=v0"
     wait_for(lambda: not alive(sup, pid), what="the crashed worker to be gone")
 
-    now = status(sup)["counter"]
+    now = sup.status()["counter"]
     assert (now["state"], now["generation"], now["restarts"]) == ("running", 2, 1)
     assert now["pid"] != pid
     assert re.search(f"counter@1 {how} while serving", now["last_error"]), now["last_error"]
@@ -178,8 +173,7 @@ def test_sys_exit_in_a_bundle_is_reported_with_its_own_code(hotsup: MakeHotsup) 
     admin = free_port()
     start_bundle(sup, "counter", armed("v0", "sys.exit(3)"),
                  extra=admin_socket(admin))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     strike(admin)
     line = sup.wait_log(r"counter: (counter@1 .*) while serving")
     sup.wait_log(r"counter@2: serving")
@@ -197,20 +191,18 @@ def test_a_crash_loop_gives_up_and_the_other_bundles_serve_on(hotsup: MakeHotsup
                          f"and __import__('os')._exit(1)")
     steady = start_bundle(sup, "steady", counter_source("s0"))
     flaky = start_bundle(sup, "flaky", counter_source("f0", start=crash_if_poisoned))
-    sup.start()
-    sup.wait_log(r"steady@1: serving")
-    sup.wait_log(r"flaky@1: serving")
+    sup.start_serving("steady", "flaky")
 
     with Load(steady, clients=3) as load:
         load.wait_reply(lambda r: True)
         for round_ in (1, 2):
             poison.touch()
-            os.kill(status(sup)["flaky"]["pid"], signal.SIGKILL)
+            os.kill(sup.status()["flaky"]["pid"], signal.SIGKILL)
             line = sup.wait_log(r"flaky: (.*3 failures within 60s, giving up until the files "
                                 r"change or `hotsup run flaky`)", count=round_)
             assert "did not start" in line and "exited with code 1" in line, line
             gave_up = time.monotonic()
-            now = status(sup)["flaky"]
+            now = sup.status()["flaky"]
             assert (now["state"], now["pid"]) == ("failed", None), now
             assert now["last_error"] == line
             assert not port_open(flaky), "a failed bundle refuses clients rather than queue them"
@@ -223,7 +215,7 @@ def test_a_crash_loop_gives_up_and_the_other_bundles_serve_on(hotsup: MakeHotsup
                 save(sup.bundles / "flaky" / "flaky.py", counter_source("f1"))
             wait_for(lambda: port_open(flaky), what="flaky to serve again")
             assert request(flaky, "get").endswith(f"tag=f{round_ - 1}")
-            assert status(sup)["flaky"]["state"] == "running"
+            assert sup.status()["flaky"]["state"] == "running"
             load.wait_reply(lambda r: True, after=time.monotonic())
     load.assert_consistent()
     assert {r.tag for r in load.replies} == {"s0"}
@@ -237,8 +229,7 @@ def test_the_shutdown_checkpoint_is_resumed_and_a_tampered_one_refused(
 ) -> None:
     sup = hotsup()
     port = start_bundle(sup, "counter", counter_source("v0"))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     with Load(port, clients=3) as load:
         load.wait_reply(lambda r: r.count >= 20)
     load.assert_consistent()
@@ -265,7 +256,7 @@ def test_the_shutdown_checkpoint_is_resumed_and_a_tampered_one_refused(
     assert str(checkpoint) in line and "authentication failed" in line, line
     third.wait_log(r"counter@1: serving")
     assert request(port, "get") == "count=0 generation=1 tag=v0"
-    assert status(third)["counter"]["state"] == "running"
+    assert third.status()["counter"]["state"] == "running"
     finish(third)
 
 
@@ -278,8 +269,7 @@ def test_after_a_sigkill_of_the_supervisor_the_next_one_resumes_the_checkpoint(
     lost beyond the last periodic checkpoint."""
     sup = hotsup("[defaults]\ncheckpoint_interval = 0.2\n")
     port = start_bundle(sup, "counter", counter_source("v0"))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     with Load(port, clients=3, timeout=5.0) as load:
         load.wait_reply(lambda r: r.count >= 30)
         wait_checkpoint(sup, "counter@1")
@@ -328,9 +318,8 @@ def test_a_stubborn_old_generation_is_gone_by_its_deadline(hotsup: MakeHotsup,
     drain = 0.5
     sup = hotsup(f"[defaults]\ndrain_timeout = {drain}\nprobation = 0\n")
     port = start_bundle(sup, "counter", case["old"])
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    old = status(sup)["counter"]["pid"]
+    sup.start_serving("counter")
+    old = sup.status()["counter"]["pid"]
     holding = case.get("hold", False)
     with Load(port, clients=3) as load, contextlib.ExitStack() as stack:
         held = stack.enter_context(idle_client(port)) if holding else None
@@ -360,8 +349,7 @@ def test_a_stubborn_old_generation_is_gone_by_its_deadline(hotsup: MakeHotsup,
 def test_a_bundle_copied_file_by_file_starts_once_complete(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     steady = start_bundle(sup, "steady", counter_source("s0"))
-    sup.start()
-    sup.wait_log(r"steady@1: serving")
+    sup.start_serving("steady")
     late = sup.bundles / "late"
     port = free_port()
     staged = write_bundle(sup.root / "staging" / "late", counter_source("l0"), port, "late")
@@ -381,7 +369,7 @@ def test_a_bundle_copied_file_by_file_starts_once_complete(hotsup: MakeHotsup) -
         assert request(port).startswith("count=1 generation=")
         load.wait_reply(lambda r: True, after=time.monotonic())
     load.assert_consistent()
-    assert status(sup)["late"]["state"] == "running"
+    assert sup.status()["late"]["state"] == "running"
     finish(sup)
 
 
@@ -392,21 +380,20 @@ def test_a_garbage_manifest_is_refused_and_the_old_generation_serves(
     port = start_bundle(sup, "counter", counter_source("v0"))
     manifest = sup.bundles / "counter" / "bundle.toml"
     good = manifest.read_text()
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     with Load(port, clients=3) as load:
         load.wait_reply(lambda r: True)
         save(manifest, "entry = [this is not toml\n\x00\xff")
         line = sup.wait_log(r"counter: (cannot load the bundle: .*)")
         assert "counter/bundle.toml" in line and "not valid TOML" in line, line
         load.wait_reply(lambda r: r.generation == 1, after=time.monotonic())
-        now = status(sup)["counter"]
+        now = sup.status()["counter"]
         assert (now["state"], now["generation"]) == ("running", 1)
         assert "bundle.toml" in now["last_error"], now["last_error"]
         save(manifest, good.replace('version = "1.0"', 'version = "1.1"'))
         load.wait_reply(lambda r: r.generation == 2, after=time.monotonic())
     load.assert_consistent()
-    assert status(sup)["counter"]["version"] == "1.1"
+    assert sup.status()["counter"]["version"] == "1.1"
     finish(sup)
 
 
@@ -427,9 +414,8 @@ def test_a_snapshot_that_cannot_be_handed_over_rolls_the_swap_back(hotsup: MakeH
     tail, says = BAD_SNAPSHOTS[bad]
     sup = hotsup("[defaults]\nmax_snapshot_bytes = 1024\n")
     port = start_bundle(sup, "counter", counter_source("v0", tail="\n" + tail + "\n"))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    pid = status(sup)["counter"]["pid"]
+    sup.start_serving("counter")
+    pid = sup.status()["counter"]["pid"]
     with Load(port, clients=3) as load:
         load.wait_reply(lambda r: True)
         save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
@@ -438,7 +424,7 @@ def test_a_snapshot_that_cannot_be_handed_over_rolls_the_swap_back(hotsup: MakeH
         load.wait_reply(lambda r: True, after=time.monotonic())
     load.assert_consistent()
     assert {(r.tag, r.generation) for r in load.replies} == {("v0", 1)}
-    now = status(sup)["counter"]
+    now = sup.status()["counter"]
     assert (now["state"], now["generation"], now["pid"]) == ("running", 1, pid)
     assert says in now["last_error"], now["last_error"]
     finish(sup)
@@ -449,9 +435,8 @@ def test_a_blocked_event_loop_is_killed_and_restarted(hotsup: MakeHotsup) -> Non
     admin = free_port()
     port = start_bundle(sup, "counter", armed("v0", "time.sleep(60)"),
                         extra=admin_socket(admin))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    pid = status(sup)["counter"]["pid"]
+    sup.start_serving("counter")
+    pid = sup.status()["counter"]["pid"]
     assert request(port) == "count=1 generation=1 tag=v0"
     strike(admin)  # a handler that blocks the loop
     sup.wait_log(r"counter@1: did not answer a ping within 1s \(its event loop is blocked\) "
@@ -460,7 +445,7 @@ def test_a_blocked_event_loop_is_killed_and_restarted(hotsup: MakeHotsup) -> Non
     sup.wait_log(r"counter@2: serving")
     assert request(port).endswith("generation=2 tag=v0")
     wait_for(lambda: not alive(sup, pid), what="the hung worker to be gone")
-    now = status(sup)["counter"]
+    now = sup.status()["counter"]
     assert (now["state"], now["generation"], now["restarts"]) == ("running", 2, 1)
     assert "did not answer a ping" in now["last_error"], now["last_error"]
     finish(sup)
@@ -475,10 +460,8 @@ def test_a_generation_dying_on_probation_hands_back_to_the_old_one(hotsup: MakeH
     sup = hotsup("[defaults]\nprobation = 3\n")
     port = start_bundle(sup, "counter", counter_source("v0"))
     other = start_bundle(sup, "other", counter_source("o0"))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    sup.wait_log(r"other@1: serving")
-    old = status(sup)["counter"]["pid"]
+    sup.start_serving("counter", "other")
+    old = sup.status()["counter"]["pid"]
     bad = counter_source("v1", start=CRASH_SOON)
     with Load(port, clients=3) as load:
         load.wait_reply(lambda r: True)
@@ -502,7 +485,7 @@ def test_a_generation_dying_on_probation_hands_back_to_the_old_one(hotsup: MakeH
     assert counts(second) == list(range(handed + 1, handed + len(second) + 1))
     assert {r.tag for r in first} == {"v0"} and {r.tag for r in second} <= {"v1"}
 
-    now = status(sup)["counter"]
+    now = sup.status()["counter"]
     assert (now["state"], now["generation"], now["pid"]) == ("running", 1, old)
     assert "on probation: swap rolled back" in now["last_error"], now["last_error"]
     assert now["last_error"] == line
@@ -514,7 +497,7 @@ def test_a_generation_dying_on_probation_hands_back_to_the_old_one(hotsup: MakeH
     sup.wait_log(r"other@2: swapped from other@1")
     assert request(other).endswith("generation=2 tag=o1")
     assert "counter@3" not in sup.log()
-    assert status(sup)["counter"]["generation"] == 1
+    assert sup.status()["counter"]["generation"] == 1
     assert request(port).endswith("generation=1 tag=v0")
     finish(sup)
 
@@ -524,9 +507,8 @@ def test_without_probation_the_old_generation_retires_at_once(hotsup: MakeHotsup
     the swap is a plain crash, restarted from the state handed over."""
     sup = hotsup("[defaults]\nprobation = 0\n")
     port = start_bundle(sup, "counter", counter_source("v0"))
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    old = status(sup)["counter"]["pid"]
+    sup.start_serving("counter")
+    old = sup.status()["counter"]["pid"]
     for _ in range(5):
         request(port)
     once = sup.root / "crashed-once"
@@ -541,7 +523,7 @@ def test_without_probation_the_old_generation_retires_at_once(hotsup: MakeHotsup
     assert not alive(sup, old)
     # restarted from the state handed over at the swap, the last checkpoint
     assert request(port, "get") == "count=5 generation=3 tag=v1"
-    now = status(sup)["counter"]
+    now = sup.status()["counter"]
     assert (now["state"], now["generation"], now["restarts"]) == ("running", 3, 1)
     assert "on probation" not in now["last_error"]
     finish(sup)

@@ -17,6 +17,7 @@ from harness import (
     port_open,
     request,
     save,
+    serve_counter,
     session_pids,
     wait_for,
     write_bundle,
@@ -33,8 +34,7 @@ def test_drop_in_bundle_is_served_within_two_seconds_and_removal_closes_it(
     sup = hotsup()
     first = free_port()
     write_bundle(sup.bundles / "first", counter_source("first"), first)
-    sup.start()
-    sup.wait_log(r"first@1: serving")
+    sup.start_serving("first")
 
     second = free_port()
     staged = write_bundle(sup.root / "staging" / "second", counter_source("second"), second)
@@ -93,10 +93,7 @@ def test_a_broken_bundle_does_not_stop_the_others(hotsup: MakeHotsup) -> None:
 
 def test_sigterm_drains_and_leaves_no_process(hotsup: MakeHotsup) -> None:
     sup = hotsup()
-    port = free_port()
-    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    port = serve_counter(sup)
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(request, port, "slow", 10.0)
         sup.wait_log(r"counter@1: slow request accepted")
@@ -118,8 +115,7 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(hotsup: MakeHotsup) -> None:
              f"open({str(helper)!r}, 'w').write(str(h.pid)); "
              f"asyncio.get_running_loop().call_later(0.2, time.sleep, 30)")
     write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     helper_pid = int(str(wait_for(lambda: helper.exists() and helper.read_text(), 5.0)))
     wait_for(lambda: not answers(port), 10.0, "the worker's loop to block")
     assert helper_pid in session_pids(sup.pid)
@@ -154,8 +150,7 @@ def answers(port: int) -> bool:
 def test_a_second_supervisor_on_the_same_run_dir_refuses(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     write_bundle(sup.bundles / "counter", counter_source("v0"), free_port())
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     second = Hotsup(sup.root)
     second.log_path = sup.root / "second.log"
     second.start()

@@ -74,11 +74,6 @@ def written(port: int) -> int:
     return int(reply.removeprefix("written="))
 
 
-def status(sup: Hotsup) -> dict[str, dict[str, object]]:
-    done = sup.cli("status", "--json", timeout=30)
-    assert done.returncode == 0, f"hotsup status failed: {done.stderr}"
-    return {b["name"]: b for b in json.loads(done.stdout)["bundles"]}
-
 
 def last_seq(sup: Hotsup) -> int:
     done = sup.cli("logs", "--json", "-n", "1", timeout=30)
@@ -217,9 +212,7 @@ def test_sink_never_blocks_on_a_stream_nobody_reads(
 def test_a_flooding_bundle_does_not_stall_the_supervisor(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     flood_port, counter_port = add_bundles(sup)
-    sup.start()
-    sup.wait_log(r"flood@1: serving")
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("flood", "counter")
     # Well past the burst and a few seconds of the rate, so that an unlimited
     # pipe shows in the comparison below.
     wait_for(lambda: written(flood_port) > 300_000, 60, "the flood to get going")
@@ -228,7 +221,7 @@ def test_a_flooding_bundle_does_not_stall_the_supervisor(hotsup: MakeHotsup) -> 
     swap_counter(sup, counter_port, 2)
     sup.wait_log(r"counter@2: swapped from counter@1")
     assert request(counter_port, "incr", timeout=DEADLINE).startswith("count=2 generation=2")
-    states = status(sup)
+    states = sup.status()
     assert states["flood"]["state"] == "running" and states["counter"]["state"] == "running"
     reported = int(sup.wait_log(DROPPED_LINES))
     assert reported > 0
@@ -255,7 +248,7 @@ def test_a_supervisor_whose_stderr_nobody_reads_keeps_working(
     stream.close()  # the supervisor and the zygote hold it now
     wait_for(lambda: sup.cli("status", "--json", timeout=30).returncode == 0, 30,
              "the control socket")
-    wait_for(lambda: {b["state"] for b in status(sup).values()} == {"running"},
+    wait_for(lambda: {b["state"] for b in sup.status().values()} == {"running"},
              what="both bundles running")
     # Records the supervisor wrote in all: 10000 are 500 kB or more, more than
     # the pipe and the output backlog hold together, so it is dropping now.
@@ -263,7 +256,7 @@ def test_a_supervisor_whose_stderr_nobody_reads_keeps_working(
 
     for generation in (2, 3, 4):  # each logs records that meet a full pipe
         swap_counter(sup, counter_port, generation)
-        assert status(sup)["counter"]["generation"] == generation
+        assert sup.status()["counter"]["generation"] == generation
 
     received: list[bytes] = []
     reader = drain(read_fd, received)

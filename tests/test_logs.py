@@ -51,8 +51,7 @@ def test_pool_helpers_records_reach_hotsup_logs_whole_and_tagged(hotsup: MakeHot
     bundle.mkdir()
     (bundle / "bundle.toml").write_text('entry = "pool:App"\nmultiprocessing_logging = true\n')
     (bundle / "pool.py").write_text(POOL_BUNDLE)
-    sup.start()
-    sup.wait_log(r"pool@1: serving")
+    sup.start_serving("pool")
 
     def helper_records() -> list[dict[str, object]]:
         done = sup.cli("logs", "pool", "--json", "-n", "1000")

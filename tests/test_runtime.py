@@ -22,6 +22,7 @@ from harness import (
     port_open,
     request,
     save,
+    serve_counter,
     wait_for,
     write_bundle,
 )
@@ -43,8 +44,7 @@ def test_logs_prints_and_tracebacks_are_tagged(hotsup: MakeHotsup) -> None:
         "import logging; logging.getLogger('mine').error('from a module logger'); "
         "self.ctx.log.info('generation %d', self.ctx.generation)"),
         tail="\nprint('at import')\n"), port, module="talker")
-    sup.start()
-    sup.wait_log(r"talker@1: serving")
+    sup.start_serving("talker")
     sup.wait_log(r"OUTPUT\s+talker@1: printed line")
     sup.wait_log(r"OUTPUT\s+talker@1: at import")
     sup.wait_log(r"WARNING\s+talker@1: logged 42")
@@ -70,8 +70,7 @@ def test_stop_is_called_at_retirement(hotsup: MakeHotsup) -> None:
     source = counter_source("v0").replace("\n    async def start(self):",
                                           stop_hook + "\n    async def start(self):")
     write_bundle(sup.bundles / "counter", source, port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     save(sup.bundles / "counter" / "counter.py", source.replace("'v0'", "'v1'"))
     sup.wait_log(r"counter@1: retired")
     assert marker.read_text() == "1\n"
@@ -87,8 +86,7 @@ def test_unix_socket_bundle(hotsup: MakeHotsup) -> None:
     path = sup.root / "local.sock"
     (bundle / "bundle.toml").write_text(
         f'entry = "local:Counter"\n[sockets.main]\nbind = "unix:{path}"\n')
-    sup.start()
-    sup.wait_log(r"local@1: serving")
+    sup.start_serving("local")
 
     def ask() -> str:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -109,8 +107,7 @@ def test_changing_the_bind_address_moves_the_bundle(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     old, new = free_port(), free_port()
     bundle = write_bundle(sup.bundles / "counter", counter_source("v0"), old)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     assert request(old).startswith("count=1")
     manifest = bundle / "bundle.toml"
     save(manifest, manifest.read_text().replace(str(old), str(new)))
@@ -122,10 +119,7 @@ def test_changing_the_bind_address_moves_the_bundle(hotsup: MakeHotsup) -> None:
 
 def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHotsup) -> None:
     sup = hotsup("[defaults]\nquiesce_timeout = 0.5\n")
-    port = free_port()
-    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    port = serve_counter(sup)
     with idle_client(port):
         save(sup.bundles / "counter" / "counter.py", counter_source("v1"))
         line = sup.wait_log(r"swap to counter@2 rolled back, counter@1 keeps serving: .*")
@@ -136,26 +130,23 @@ def test_an_idle_client_delays_a_hand_over_but_does_not_block_it(hotsup: MakeHot
     assert sup.stop() == 0
 
 
-def test_a_renamed_bundle_takes_over_its_port_while_the_old_one_drains(
-    hotsup: MakeHotsup,
-) -> None:
+def test_a_renamed_bundle_carries_its_state_and_port_over(hotsup: MakeHotsup) -> None:
     sup = hotsup()
     port = free_port()
     write_bundle(sup.bundles / "old", counter_source("v0"), port)
-    sup.start()
-    sup.wait_log(r"old@1: serving")
-    with idle_client(port):  # old@1 must drain this one
-        with Load(port, clients=2) as load:
-            load.wait_reply(lambda r: True)
-            os.rename(sup.bundles / "old", sup.bundles / "new")
-            sup.wait_log(rf"new: takes over 127\.0\.0\.1:{port} from old")
-            sup.wait_log(r"new@1: serving")
-            served = time.monotonic()
-            load.wait_reply(lambda r: r.generation == 1, after=served)
-            assert "old@1: retired" not in sup.log(), "the old one is still draining"
-        assert not load.failures, load.failures[:3]
-    sup.wait_log(r"old@1: retired")
-    assert request(port).endswith("tag=v0")
+    sup.start_serving("old")
+    with Load(port, clients=2) as load:
+        before = load.wait_reply(lambda r: r.count > 5)
+        os.rename(sup.bundles / "old", sup.bundles / "new")
+        sup.wait_log(r"new: renamed from old; its generation, state and sockets carry over")
+        sup.wait_log(r"new@2: swapped from old@1")
+        served = time.monotonic()
+        after = load.wait_reply(lambda r: r.generation == 2, after=served)
+        assert after.count > before.count, "the count goes on: the state came along"
+    assert not load.failures, load.failures[:3]
+    load.assert_consistent()
+    status = sup.status()
+    assert list(status) == ["new"] and status["new"]["generation"] == 2
     assert sup.stop() == 0
 
 
@@ -167,8 +158,7 @@ def test_a_declared_bundle_whose_directory_is_replaced_is_still_watched(
     api = write_bundle(sup.root / "svc" / "api", counter_source("v0"), port)
     with sup.config.open("a") as config:
         config.write('\n[bundles.api]\npath = "svc/api"\n')
-    sup.start()
-    sup.wait_log(r"api@1: serving")
+    sup.start_serving("api")
     staged = sup.root / "staged-api"
     shutil.copytree(api, staged)
     shutil.rmtree(api)
@@ -248,8 +238,7 @@ def test_processes_a_bundle_runs_do_not_hold_its_sockets(hotsup: MakeHotsup) -> 
     start = (f"import subprocess; h = subprocess.Popen(['sleep', '60'], close_fds=False, "
              f"start_new_session=True); open({str(helper)!r}, 'w').write(str(h.pid))")
     write_bundle(sup.bundles / "counter", counter_source("v0", start=start), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
+    sup.start_serving("counter")
     helper_pid = int(str(wait_for(lambda: helper.exists() and helper.read_text(), 5.0)))
     try:
         shutil.rmtree(sup.bundles / "counter")

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Hotsup, Load, counter_source, free_port, request, save, write_bundle
+from harness import (
+    Hotsup,
+    Load,
+    counter_source,
+    request,
+    save,
+    serve_counter,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,11 +25,7 @@ MakeHotsup = Callable[..., Hotsup]
 
 def start_counter(hotsup: MakeHotsup, config_extra: str = "", **source: str) -> tuple[Hotsup, int]:
     sup = hotsup(config_extra)
-    port = free_port()
-    write_bundle(sup.bundles / "counter", counter_source("v0", **source), port)
-    sup.start()
-    sup.wait_log(r"counter@1: serving")
-    return sup, port
+    return sup, serve_counter(sup, **source)
 
 
 def edit(sup: Hotsup, source: str) -> None:
@@ -121,6 +124,7 @@ def test_sighup_reloads_all_and_keeps_state(hotsup: MakeHotsup) -> None:
     sup, port = start_counter(hotsup)
     assert request(port).startswith("count=1 generation=1")
     sup.signal(signal.SIGHUP)
+    sup.wait_log(r"SIGHUP: reloading every bundle that is not stopped")
     sup.wait_log(r"counter@2: swapped")
     assert request(port).startswith("count=2 generation=2")
     assert sup.stop() == 0

@@ -7,6 +7,7 @@ and the tests read the order of requests each generation received.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotsup.supervisor import swap
+from hotsup.supervisor import generation
 from hotsup.supervisor.checkpoint import CheckpointStore
 from hotsup.supervisor.config import BundleSource, BundleSpec, load_config
+from hotsup.supervisor.generation import GenState, IllegalMove
 from hotsup.supervisor.process import WorkerError
 from hotsup.supervisor.sockets import SocketRegistry
-from hotsup.supervisor.swap import BundleRunner, BundleState, GenState, IllegalMove, Services
+from hotsup.supervisor.swap import BundleRunner, BundleState, Services, Timings
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -59,8 +61,8 @@ class FakeWorker:
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]:
         self.calls.append(op)
-        if op in self.script.hang:  # as the real call does: no answer within the deadline
-            await asyncio.sleep(timeout)
+        if op in self.script.hang:  # what the real call says once its deadline passed
+            await asyncio.sleep(0)
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
         if op in self.script.fail:
             raise WorkerError(f"{op}: {self.script.fail[op]}")
@@ -101,7 +103,7 @@ class World:
     """A runner over a real (tiny) config, with fake workers and a fake digest."""
 
     def __init__(self, tmp_path: Path, defaults: str = "",
-                 store: CheckpointStore | None = None) -> None:
+                 store: CheckpointStore | None = None, timings: Timings | None = None) -> None:
         bundle = tmp_path / "bundles" / "b"
         bundle.mkdir(parents=True)
         (bundle / "bundle.toml").write_text(
@@ -120,7 +122,8 @@ class World:
         self.workers: dict[int, FakeWorker] = {}
         self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
         self.sockets = SocketRegistry()
-        services = Services(self.config, self.sockets, self._spawn, self._digest, store)
+        services = Services(self.config, self.sockets, self._spawn, self._digest, store,
+                            timings or Timings())
         self.runner = BundleRunner(BundleSource("b", bundle), services)
 
     async def _spawn(self, spec: BundleSpec, number: int,
@@ -159,17 +162,46 @@ async def until(condition: Callable[[], object], what: str = "") -> None:
         await asyncio.sleep(0.001)
 
 
+#: Crash restarts without a backoff, busy hand-overs retried at once.
+QUICK = Timings(backoff_first=0.0, busy_retry_first=0.01)
+
+
 def run(test: Callable[[World], Coroutine[Any, Any, None]], tmp_path: Path,
-        defaults: str = "", store: CheckpointStore | None = None) -> None:
+        defaults: str = "", store: CheckpointStore | None = None,
+        timings: Timings | None = None) -> None:
     async def main() -> None:
-        world = World(tmp_path, defaults, store)
+        world = World(tmp_path, defaults, store, timings)
         world.runner.start()
         try:
             await test(world)
         finally:
             await world.runner.close()
 
-    asyncio.run(main())
+    errors = _SwapLoopErrors()
+    logging.getLogger("hotsup").addHandler(errors)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("hotsup").removeHandler(errors)
+    assert not errors.seen, f"the swap loop met a bug: {errors.seen}"
+
+
+class _SwapLoopErrors(logging.Handler):
+    """Records of 'internal error in the swap loop': an illegal move, say."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "internal error in the swap loop" in record.getMessage():
+            self.seen.append(self.format(record))
+
+
+def kept_of(world: World) -> int | None:
+    """The generation whose state the runner holds as the newest."""
+    kept = world.runner._kept
+    return kept.generation if kept is not None else None
 
 
 def serving(world: World, number: int) -> Callable[[], bool]:
@@ -245,9 +277,8 @@ def test_a_failing_snapshot_aborts_the_swap(tmp_path: Path) -> None:
 
 
 def test_a_hand_over_blocked_by_busy_connections_is_tried_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swap, "BUSY_RETRY_FIRST", 0.01)
 
     async def test(world: World) -> None:
         world.scripts[1] = Script(busy=2)
@@ -258,29 +289,27 @@ def test_a_hand_over_blocked_by_busy_connections_is_tried_again(
         assert world.workers[1].calls == ["start", "pause", "resume", "pause", "resume",
                                           "pause", "retire"]
         assert world.workers[4].restored == b"state of 1"
-    run(test, tmp_path)
+    run(test, tmp_path, timings=QUICK)
 
 
 def test_a_busy_retry_is_dropped_once_a_later_pass_swaps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swap, "BUSY_RETRY_FIRST", 30.0)
 
     async def test(world: World) -> None:
         world.scripts[1] = Script(busy=1)
         await until(serving(world, 1))
         world.change("v2")
-        await until(lambda: world.runner._retry is not None, "a retry scheduled")
+        await until(lambda: world.runner._timers.armed("retry"), "a retry scheduled")
         world.change("v3")
         await until(serving(world, 3))
-        assert world.runner._retry is None, "no forced swap of unchanged content later"
-    run(test, tmp_path)
+        assert not world.runner._timers.armed("retry"), "no forced swap of unchanged content later"
+    run(test, tmp_path, timings=Timings(busy_retry_first=30.0))
 
 
 def test_new_content_starts_with_a_clean_restart_history(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -292,7 +321,7 @@ def test_new_content_starts_with_a_clean_restart_history(
         await until(serving(world, 3))
         world.workers[3].crash()  # one crash of the new code: restarted, not given up
         await until(serving(world, 4), "a restart of the new code")
-    run(test, tmp_path, "max_restarts = 1\n")
+    run(test, tmp_path, "max_restarts = 1\n", timings=QUICK)
 
 
 def test_failed_content_is_not_retried_until_it_changes(tmp_path: Path) -> None:
@@ -329,9 +358,7 @@ def test_requests_during_a_swap_coalesce_into_one_more(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
-def test_a_crash_restarts_from_the_last_snapshot(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+def test_a_crash_restarts_from_the_last_snapshot(tmp_path: Path) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -341,12 +368,10 @@ def test_a_crash_restarts_from_the_last_snapshot(tmp_path: Path,
         await until(serving(world, 3), "a restart")
         assert world.workers[3].restored == b"state of 1"
         assert world.runner.restarts == 1
-    run(test, tmp_path)
+    run(test, tmp_path, timings=QUICK)
 
 
-def test_restart_intensity_marks_the_bundle_failed(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+def test_restart_intensity_marks_the_bundle_failed(tmp_path: Path) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -358,12 +383,10 @@ def test_restart_intensity_marks_the_bundle_failed(tmp_path: Path,
         assert world.runner.current is None and 3 not in world.workers
         world.change("v2")  # new content: try again
         await until(serving(world, 3))
-    run(test, tmp_path, "max_restarts = 1\n")
+    run(test, tmp_path, "max_restarts = 1\n", timings=QUICK)
 
 
-def test_sockets_are_held_through_a_crash_backoff(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 30.0)
+def test_sockets_are_held_through_a_crash_backoff(tmp_path: Path) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -377,12 +400,10 @@ def test_sockets_are_held_through_a_crash_backoff(tmp_path: Path,
         await world.runner.close()  # cuts the 30 s backoff short
         assert asyncio.get_running_loop().time() - started < 2.0
         assert world.sockets.addresses(world.runner) == []
-    run(test, tmp_path)
+    run(test, tmp_path, timings=Timings(backoff_first=30.0))
 
 
-def test_a_failed_restart_backs_off_and_tries_again(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+def test_a_failed_restart_backs_off_and_tries_again(tmp_path: Path) -> None:
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
@@ -391,13 +412,12 @@ def test_a_failed_restart_backs_off_and_tries_again(tmp_path: Path,
         await until(serving(world, 3), "a second restart after the first failed")
         assert world.runner.restarts == 2
         assert world.sockets.addresses(world.runner), "sockets held throughout"
-    run(test, tmp_path)
+    run(test, tmp_path, timings=QUICK)
 
 
 def test_an_old_generation_that_cannot_resume_is_restarted_from_its_snapshot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
 
     async def test(world: World) -> None:
         world.scripts[1] = Script(fail={"resume": "no answer within 5s"})
@@ -407,20 +427,19 @@ def test_an_old_generation_that_cannot_resume_is_restarted_from_its_snapshot(
                     and world.runner.current.number == 3, "a restart of the bundle")
         assert world.workers[1].killed and world.workers[2].killed
         assert world.workers[3].restored == b"state of 1"
-    run(test, tmp_path)
+    run(test, tmp_path, timings=QUICK)
 
 
 def test_a_generation_that_dies_as_it_becomes_current_is_restarted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
 
     async def test(world: World) -> None:
         await until(serving(world, 1))
         world.change("v2", Script(exit_after={"start"}))
         await until(serving(world, 3), "the dead generation 2 replaced")
         assert world.runner.restarts == 1
-    run(test, tmp_path)
+    run(test, tmp_path, timings=QUICK)
 
 
 def test_close_during_a_swap_cleans_up_every_generation(tmp_path: Path) -> None:
@@ -441,7 +460,7 @@ def test_close_while_a_retired_generation_is_being_forgotten(tmp_path: Path) -> 
         await until(serving(world, 1))
         world.change("v2")
         await until(lambda: world.workers[1].closing, "generation 1 exited, being forgotten")
-        assert world.runner._gens[1].state is GenState.EXITED
+        assert world.runner._gens[1].state is GenState.RETIRING, "until its log pipe drained"
         closing = asyncio.ensure_future(world.runner.close())
         await until(lambda: world.workers[2].calls[-1:] == ["retire"], "generation 2 retiring")
         world.workers[1].released.set()
@@ -456,7 +475,7 @@ def test_illegal_moves_are_refused(tmp_path: Path) -> None:
         current = world.runner.current
         assert current is not None
         with pytest.raises(IllegalMove, match="ready -> loaded"):
-            world.runner._move(current, GenState.LOADED)
+            current.move(GenState.LOADED)
     run(test, tmp_path)
 
 
@@ -465,12 +484,12 @@ def test_every_state_can_reach_an_end() -> None:
     for state in GenState:
         seen, frontier = {state}, [state]
         while frontier:
-            for nxt in swap.MOVES[frontier.pop()]:
+            for nxt in generation.MOVES[frontier.pop()]:
                 if nxt not in seen:
                     seen.add(nxt)
                     frontier.append(nxt)
         assert seen & ends, f"{state} can never end"
-    assert all(not swap.MOVES[end] for end in ends)
+    assert all(not generation.MOVES[end] for end in ends)
 
 
 
@@ -527,7 +546,7 @@ def test_the_held_generation_resumes_from_a_newer_checkpoint(tmp_path: Path) -> 
         world.change("v2")
         await until(serving(world, 2))
         await until(lambda: "snapshot" in world.workers[2].calls, "a checkpoint of b@2")
-        await until(lambda: world.runner._state_of == 2, "the checkpoint kept")
+        await until(lambda: kept_of(world) == 2, "the checkpoint kept")
         world.workers[2].crash()
         await until(serving(world, 1))
         assert world.workers[1].restored == b"state of 2", "resumed with the newer state"
@@ -589,8 +608,7 @@ def test_a_shut_down_during_stop_still_reaps_the_retiring_generation(tmp_path: P
 
 
 def test_a_held_generation_that_cannot_resume_is_reaped(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap, "BACKOFF_FIRST", 0.0)
+        tmp_path: Path) -> None:
 
     async def test(world: World) -> None:
         world.scripts[1] = Script(fail={"resume": "RuntimeError: restore failed"})
@@ -601,7 +619,7 @@ def test_a_held_generation_that_cannot_resume_is_reaped(
         await until(serving(world, 3), "restarted instead")
         await until(lambda: 1 not in world.runner._gens, "generation 1 reaped")
         assert world.workers[1].killed and world.workers[1].closing
-    run(test, tmp_path, "probation = 30\n")
+    run(test, tmp_path, "probation = 30\n", timings=QUICK)
 
 
 def test_stop_right_after_a_failed_resume(tmp_path: Path) -> None:
@@ -654,7 +672,7 @@ def test_after_a_fall_back_its_own_state_is_the_newest(tmp_path: Path) -> None:
         await until(serving(world, 1))
         world.change("v2")
         await until(serving(world, 2))
-        await until(lambda: world.runner._state_of == 2)
+        await until(lambda: kept_of(world) == 2)
         world.workers[2].crash()
         await until(serving(world, 1))
         world.workers[1].restored = None
@@ -677,3 +695,73 @@ def test_deleting_the_checkpoint_the_hint_names_lets_run_start_fresh(
         report = await world.runner.run_again()
         assert report["result"] == "started" and world.workers[2].restored is None
     run(test, tmp_path, "", store)
+
+
+# -- the mailbox: timers only enqueue, one task decides ------------------------------
+
+def test_a_reload_during_a_crash_backoff_is_answered_at_once(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.workers[1].crash()
+        await until(lambda: world.runner._timers.armed("restart"), "a 30 s backoff")
+        assert world.runner.state is BundleState.STARTING
+        report = await asyncio.wait_for(world.runner.reload(), 2.0)
+        assert report["result"] == "started" and report["generation"] == 2
+        assert not world.runner._timers.armed("restart"), "the restart it replaced is gone"
+    run(test, tmp_path, timings=Timings(backoff_first=30.0))
+
+
+def test_a_stop_during_a_crash_backoff_is_answered_at_once(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.workers[1].crash()
+        await until(lambda: world.runner._timers.armed("restart"), "a 30 s backoff")
+        report = await asyncio.wait_for(world.runner.stop(), 2.0)
+        assert report["result"] == "stopped"
+        assert world.runner.state is BundleState.STOPPED and 2 not in world.workers
+        assert world.sockets.addresses(world.runner) == [], "its ports closed"
+    run(test, tmp_path, timings=Timings(backoff_first=30.0))
+
+
+def test_the_first_checkpoint_comes_after_one_interval(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        loop = asyncio.get_running_loop()
+        await until(serving(world, 1))
+        serving_at = loop.time()
+        await until(lambda: "snapshot" in world.workers[1].calls, "a checkpoint")
+        assert loop.time() - serving_at < 0.9, "checkpoint_interval holds from the start"
+    run(test, tmp_path, "checkpoint_interval = 0.3\n")
+
+
+def test_nothing_wakes_while_nothing_is_due(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        await until(lambda: world.runner._mailbox.drain() == [], "the first pass over")
+        mine = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not mine]
+        assert others == [world.runner._task], "one task per bundle, waiting on its mailbox"
+        assert not world.runner._timers._armed, "no timer with pings and checkpoints off"
+    run(test, tmp_path)
+
+
+def test_a_held_generation_is_in_the_held_state(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        assert world.runner._gens[1].state is GenState.HELD
+        assert world.runner.state is BundleState.RUNNING
+    run(test, tmp_path, "probation = 30\n")
+
+
+def test_a_generation_that_dies_on_probation_is_reaped_and_the_new_one_serves_on(
+        tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        world.workers[1].crash()
+        await until(lambda: 1 not in world.runner._gens, "the held generation reaped")
+        assert world.runner.current is not None and world.runner.current.number == 2
+        assert not world.runner._timers.armed("probation")
+    run(test, tmp_path, "probation = 30\n")
