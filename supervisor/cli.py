@@ -2,7 +2,11 @@
 
 ``start`` and ``check`` work on a config file. The other commands talk to a
 running supervisor over its control socket (see ``control``), found through
-``-c FILE`` (its run_dir), else ``HOTSUP_RUN_DIR``, else ``./config.toml``.
+``-c FILE`` (its run_dir), else ``HOTSUP_RUN_DIR``, else ``./config.toml``;
+or, with ``--to tcp://HOST:PORT`` (or ``HOTSUP_REMOTE``), to a remote one over
+CURVE (``remote``), with ``--key``/``HOTSUP_KEY`` (our secret certificate) and
+``--server-key``/``HOTSUP_SERVER_KEY`` (its public one). ``keygen`` writes a
+certificate pair, ``push`` sends a bundle directory (``push``).
 
 Exit codes: 0 done; 1 the supervisor carried the command out and it failed (a
 reload rolled back, an unknown bundle) or ``check`` found problems; 2 a usage
@@ -23,7 +27,7 @@ from typing import Any
 
 from .commands import WIRE
 from .config import ConfigError, check, load_config, preload_conflicts, run_dir_of
-from .control import ControlClient, ControlError, Unreachable
+from .control import ControlClient, ControlError, RemoteClient, Unreachable
 from .logs import LogRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -64,7 +68,30 @@ def _check(args: argparse.Namespace) -> int:
 
 # -- commands to a running supervisor ---------------------------------------------------
 
-def _client(args: argparse.Namespace) -> ControlClient:
+#: Clients made by this command, closed when it ends.
+_clients: list[ControlClient | RemoteClient] = []
+
+
+def _client(args: argparse.Namespace) -> ControlClient | RemoteClient:
+    """The supervisor to talk to: ``--to``, else ``-c``, else ``HOTSUP_REMOTE``,
+    else ``HOTSUP_RUN_DIR``, else ``./config.toml``."""
+    to = getattr(args, "to", None)
+    if to is None and args.config is None:
+        to = os.environ.get("HOTSUP_REMOTE") or None
+    if to is not None:
+        key = getattr(args, "key", None) or os.environ.get("HOTSUP_KEY")
+        server_key = getattr(args, "server_key", None) or os.environ.get("HOTSUP_SERVER_KEY")
+        if not key or not server_key:
+            raise UsageError(f"{to}: give --key SECRET and --server-key PUBLIC (or "
+                             f"HOTSUP_KEY and HOTSUP_SERVER_KEY)")
+        if not to.startswith("tcp://"):
+            raise UsageError(f"--to {to}: expected tcp://HOST:PORT")
+        try:
+            remote = RemoteClient(to, key, server_key)
+        except ControlError as exc:
+            raise UsageError(str(exc)) from None
+        _clients.append(remote)
+        return remote
     if args.config is not None:
         return ControlClient(_run_dir(Path(args.config)))
     env = os.environ.get("HOTSUP_RUN_DIR")
@@ -146,12 +173,17 @@ def _logs(args: argparse.Namespace) -> int:
         print(show(LogRecord.from_dict(record)), flush=True)
     if not args.follow:
         return EXIT_OK
-    last = result["last"]
+    return _follow(client, args.name, show, result["last"])
+
+
+def _follow(client: ControlClient | RemoteClient, name: str | None,
+            show: Callable[[LogRecord], str], last: int) -> int:
+    """Print the records after ``last`` as they come, until the supervisor goes."""
     wait = 2.0
     try:
         while True:
             try:
-                result = client.request("logs", wait + QUERY_TIMEOUT, name=args.name,
+                result = client.request("logs", wait + QUERY_TIMEOUT, name=name,
                                         after=last, wait=wait)
             except (Unreachable, ControlError) as exc:
                 print(f"hotsup logs: the supervisor is gone ({exc})", file=sys.stderr)
@@ -161,6 +193,112 @@ def _logs(args: argparse.Namespace) -> int:
             last = result["last"]
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+# -- remote push ----------------------------------------------------------------------
+
+def _keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    from .config import valid_name
+
+    if not valid_name(args.name):
+        raise UsageError(f"{args.name!r}: a key name may use letters, digits, _ . and -")
+    directory = Path(args.dir)
+    public, secret = directory / f"{args.name}.key", directory / f"{args.name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            print(f"hotsup keygen: {path} exists; remove it first, or choose another NAME",
+                  file=sys.stderr)
+            return EXIT_FAILED
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        zmq.auth.create_certificates(directory, args.name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    print(f"{secret}  (secret: keep it here, 0600)\n{public}  (public: copy it to the other "
+          f"side: a client's into the supervisor's authorized_keys, the supervisor's to "
+          f"each client's --server-key)")
+    return EXIT_OK
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import PushError, send
+
+    directory = Path(args.dir).absolute()
+    if not directory.is_dir():
+        raise UsageError(f"{args.dir} is not a directory")
+    name = args.name or directory.resolve().name
+    client = _client(args)
+    if args.watch:
+        return _watch(args, client, directory, name)
+    last = _last_seq(client) if args.follow else 0  # --follow shows the swap's records too
+    try:
+        report = send(client, directory, name, args.timeout)
+    except PushError as exc:
+        raise UsageError(str(exc)) from None
+    code = _reports([report], args.json)
+    if args.follow:
+        return _follow(client, name, LogRecord.as_text, last)
+    return code
+
+
+def _last_seq(client: ControlClient | RemoteClient) -> int:
+    return int(client.request("logs", QUERY_TIMEOUT, limit=0)["last"])
+
+
+def _watch(args: argparse.Namespace, client: ControlClient | RemoteClient, directory: Path,
+           name: str) -> int:
+    """Push now, then after each saved change; one line per outcome, until Ctrl-C."""
+    import threading
+
+    import watchfiles
+
+    from .push import PushError, send
+    from .watcher import ignored
+
+    class Filter(watchfiles.DefaultFilter):
+        def __call__(self, change: watchfiles.Change, path: str) -> bool:
+            return not ignored(os.path.basename(path)) and super().__call__(change, path)
+
+    if args.follow:  # the logs on a connection of their own, beside the pushes
+        follower = _client(args)
+        last = _last_seq(follower)
+        threading.Thread(target=_follow, args=(follower, name, LogRecord.as_text, last),
+                         daemon=True).start()
+
+    def push(seen: float, first: bool = False) -> None:
+        try:
+            report = send(client, directory, name, args.timeout)
+        except (PushError, ControlError, Unreachable) as exc:
+            print(f"{name}: push failed: {exc}", file=sys.stderr, flush=True)
+            return
+        took = (time.monotonic() - seen) * 1000
+        if report["result"] == "unchanged" and not first:
+            return  # a touch, bytecode, an editor's temp file: nothing to say
+        if report["ok"]:
+            print(f"{name}: {report['result']} in {took:.0f} ms"
+                  + (f" (generation {report['generation']})" if report["generation"] else ""),
+                  flush=True)
+        else:
+            print(f"{name}: {report['result']}: {report['message']}", file=sys.stderr,
+                  flush=True)
+
+    first = True
+    try:
+        # The first push once the watch is set up (its first, empty, yield
+        # after rust_timeout), so a save in between is not missed.
+        for changes in watchfiles.watch(directory, watch_filter=Filter(), debounce=1600,
+                                        step=20, rust_timeout=200, yield_on_timeout=True):
+            if changes or first:
+                push(time.monotonic(), first)
+                first = False
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
 
 
 def _shutdown(args: argparse.Namespace) -> int:
@@ -216,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     checker.set_defaults(func=_check)
 
     def remote(name: str, func: Callable[[argparse.Namespace], int],
-               timeout: float | None = None) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=WIRE[name].help())
+               timeout: float | None = None, what: str | None = None
+               ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=what or WIRE[name].help())
         sub.add_argument("-c", "--config", metavar="FILE",
                          help="the supervisor's config.toml (default: $HOTSUP_RUN_DIR, "
                               "else ./config.toml)")
@@ -227,9 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    def to(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--to", metavar="tcp://HOST:PORT",
+                         help="a remote supervisor's [remote] endpoint (default: "
+                              "$HOTSUP_REMOTE)")
+        sub.add_argument("--key", metavar="SECRET",
+                         help="our secret certificate (default: $HOTSUP_KEY)")
+        sub.add_argument("--server-key", metavar="PUBLIC",
+                         help="the supervisor's public certificate (default: "
+                              "$HOTSUP_SERVER_KEY)")
+
     status = remote("status", _status)
+    to(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
     reload = remote("reload", _reload, 120.0)
+    to(reload)
     reload.add_argument("name", nargs="?")
     reload.add_argument("--all", action="store_true", help="every bundle")
     reload.add_argument("--discard-state", action="store_true",
@@ -238,9 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--json", action="store_true", help="one JSON object per bundle")
     for name, func in (("stop", _stop), ("run", _run)):
         sub = remote(name, func, 120.0)
+        to(sub)
         sub.add_argument("name")
         sub.add_argument("--json", action="store_true", help="one JSON object")
     logs = remote("logs", _logs)
+    to(logs)
     logs.add_argument("name", nargs="?", help="one bundle's records (and the supervisor's "
                                               "about it); default: everything")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
@@ -248,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how many records to show first (default 50)")
     logs.add_argument("--json", action="store_true", help="one JSON object per record")
     remote("shutdown", _shutdown, 120.0)
+    keygen = commands.add_parser("keygen", help="write a CURVE certificate pair for [remote] "
+                                                "or hotsup push")
+    keygen.add_argument("name", help="NAME: writes NAME.key (public), NAME.key_secret")
+    keygen.add_argument("--dir", default=".", help="where to write them (default: here)")
+    keygen.set_defaults(func=_keygen)
+    push = remote("push", _push, 120.0, "send a bundle directory to a supervisor and swap "
+                                        "it in (only what changed travels)")
+    push.add_argument("dir", metavar="DIR", help="the bundle directory to push")
+    push.add_argument("--name", help="the bundle's name there (default: DIR's name)")
+    push.add_argument("--follow", action="store_true", help="then show its logs as they come")
+    push.add_argument("--watch", action="store_true",
+                      help="push again after each saved change, until Ctrl-C")
+    push.add_argument("--json", action="store_true", help="the report as one JSON object")
+    to(push)
     return parser
 
 
@@ -269,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `hotsup status | head`: the reader had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        while _clients:
+            _clients.pop().close()
     return code
 
 

@@ -27,6 +27,9 @@ MAX_WAIT: Final = 5.0
 #: Records a ``logs`` request returns when it does not say.
 DEFAULT_LIMIT: Final = 2000
 
+#: The most file content one ``push_files`` carries (bytes, before base64).
+PUSH_CHUNK: Final = 4 * 1024 * 1024
+
 _NONE = type(None)
 
 
@@ -133,6 +136,40 @@ class Shutdown(Command):
 
 
 @dataclass(frozen=True)
+class PushBegin(Command):
+    """Offer a bundle's manifest; the answer lists the contents the supervisor lacks.
+
+    ``files`` maps a relative path to ``[sha256 hex, size, mode]``, ``links`` a
+    relative path to its symlink target (see ``push``)."""
+
+    wire = "push_begin"
+    ARGS = {"name": Arg((str,), required=True), "files": Arg((dict,), required=True),
+            "links": Arg((dict,), default={})}
+    name: str = ""
+    files: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PushFiles(Command):
+    """Send contents a push lacks: ``blobs`` of ``[sha256 hex, offset, base64]``."""
+
+    wire = "push_files"
+    ARGS = {"push": Arg((str,), required=True), "blobs": Arg((list,), required=True)}
+    push: str = ""
+    blobs: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PushCommit(Command):
+    """Swap the pushed tree in and report the bundle's pass (as ``reload`` does)."""
+
+    wire = "push_commit"
+    ARGS = {"push": Arg((str,), required=True)}
+    push: str = ""
+
+
+@dataclass(frozen=True)
 class FilesChanged(Command):
     """Files changed under a watched directory (from the watcher)."""
 
@@ -141,5 +178,6 @@ class FilesChanged(Command):
 
 #: Every command a control request may name, by its wire name.
 WIRE: Final[dict[str, type[Command]]] = {
-    cls.wire: cls for cls in (Status, Reload, Stop, Run, Logs, Shutdown) if cls.wire
+    cls.wire: cls for cls in (Status, Reload, Stop, Run, Logs, Shutdown, PushBegin, PushFiles,
+                              PushCommit) if cls.wire
 }

@@ -129,6 +129,24 @@ class BundleSpec:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """``[remote]``: the CURVE-secured network endpoint (``remote.py``, ``push.py``)."""
+
+    bind: str  # a ZeroMQ endpoint, tcp://HOST:PORT (port 0: tcp://HOST:*, any free port)
+    secret_key: Path
+    authorized_keys: Path
+    #: Key name (the public file's stem) -> its z85 public key.
+    clients: dict[str, bytes]
+    #: Key name -> the bundles it may touch; a key not named may touch every bundle.
+    allow: dict[str, tuple[str, ...]]
+    #: Requests per second a key may make (a burst of as many again).
+    rate_limit: float = 20.0
+    #: A push's bounds: its total size and its number of files.
+    max_push_bytes: int = 64 * 1024 * 1024
+    max_push_files: int = 5000
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     bundles_dir: Path | None
@@ -141,6 +159,7 @@ class Config:
     declared: dict[str, BundleSource]
     #: ``[supervisor] metrics``: (host, port) of /metrics, /healthz, /readyz; None: off.
     metrics: tuple[str, int] | None = None
+    remote: RemoteConfig | None = None  # None: no network endpoint at all
 
     def sources(self) -> dict[str, BundleSource]:
         """Every bundle: the drop-ins found in bundles_dir now, and the declared ones."""
@@ -151,6 +170,11 @@ class Config:
         for name, source in self.declared.items():
             found[name] = source
         return found
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name a bundle (or a key): letters, digits, _ . and -."""
+    return bool(_NAME.match(name))
 
 
 def discover(bundles_dir: Path) -> list[str]:
@@ -335,7 +359,7 @@ def parse_bind(bind: str, base: Path) -> tuple[str, int, Path | None]:
 
 # -- config.toml ------------------------------------------------------------------
 
-_TOP_KEYS = {"supervisor", "defaults", "bundles"}
+_TOP_KEYS = {"supervisor", "defaults", "bundles", "remote"}
 _SUPERVISOR_KEYS = {
     "bundles_dir", "run_dir", "preload", "watch_quiet_ms", "watch_batch_ms", "log_level",
     "metrics",
@@ -424,10 +448,11 @@ def _read_config(path: Path) -> tuple[Config | None, list[str]]:
         else:
             problems.add("supervisor.bundles_dir", f"{bundles_dir} is not a directory")
     declared = _declared(_table(data, "bundles", problems), base, bundles_dir, problems)
+    remote = _remote(data["remote"], base, problems) if "remote" in data else None
     return Config(
         path=path, bundles_dir=bundles_dir, run_dir=run_dir, preload=tuple(preload),
         watch_quiet_ms=quiet, watch_batch_ms=batch, log_level=log_level, defaults=defaults,
-        declared=declared, metrics=metrics,
+        declared=declared, metrics=metrics, remote=remote,
     ), problems.lines
 
 
@@ -475,6 +500,166 @@ def _declared(tables: dict[str, Any], base: Path, bundles_dir: Path | None,
             problems.add(f"{prefix}path", f"{bundle_path} has no {MANIFEST}")
         declared[name] = BundleSource(name, bundle_path, overrides)
     return declared
+
+
+# -- [remote] -----------------------------------------------------------------------
+
+_REMOTE_KEYS = {"bind", "key", "authorized_keys", "allow", "rate_limit", "max_push_bytes",
+                "max_push_files"}
+
+
+def _remote(table: Any, base: Path, problems: _Problems) -> RemoteConfig | None:
+    """``[remote]``, its key files read and checked; None (with problems) when unusable."""
+    if not isinstance(table, dict):
+        problems.add("remote", f"expected a table, got {_describe(table)}")
+        return None
+    _unknown(table, _REMOTE_KEYS, "remote.", problems)
+    before = len(problems.lines)
+    for key in ("bind", "key", "authorized_keys"):
+        if key not in table:
+            problems.add(f"remote.{key}", "missing (see README.md, Remote push)")
+    bind = _remote_bind(_string(table, "bind", "", "remote.", problems), problems)
+    secret = _normal(base / _string(table, "key", "", "remote.", problems))
+    keys_dir = _normal(base / _string(table, "authorized_keys", "", "remote.", problems))
+    if "key" in table:
+        _secret_key(secret, problems)
+    clients = _client_keys(keys_dir, problems) if "authorized_keys" in table else {}
+    allow = _allow(_table(table, "allow", problems, "remote."), clients, problems)
+    defaults = RemoteConfig("", Path(), Path(), {}, {})
+    rate = _number(table, "rate_limit", defaults.rate_limit, "remote.", problems, positive=True)
+    max_bytes = _number(table, "max_push_bytes", defaults.max_push_bytes, "remote.", problems,
+                        integer=True, positive=True)
+    max_files = _number(table, "max_push_files", defaults.max_push_files, "remote.", problems,
+                        integer=True, positive=True)
+    if len(problems.lines) > before or bind is None:
+        return None
+    return RemoteConfig(bind, secret, keys_dir, clients, allow, rate, max_bytes, max_files)
+
+
+def _remote_bind(bind: str, problems: _Problems) -> str | None:
+    if not bind:
+        return None
+    if not bind.startswith("tcp://"):
+        problems.add("remote.bind", f'expected "tcp://HOST:PORT", got {_describe(bind)}')
+        return None
+    try:
+        host, port, _ = parse_bind(bind[len("tcp://"):], Path())
+    except ValueError as exc:
+        problems.add("remote.bind", str(exc))
+        return None
+    if bind[len("tcp://"):].startswith("unix:"):
+        problems.add("remote.bind", f'expected "tcp://HOST:PORT", got {_describe(bind)}')
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return f"tcp://{shown}:{port or '*'}"
+
+
+def _key_file(path: Path, key: str, open_bits: int, problems: _Problems) -> bool:
+    """Whether ``path`` is a regular file we can read that others cannot misuse."""
+    try:
+        info = os.stat(path)
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        problems.add(key, f"{path} not found (`hotsup keygen NAME` makes a pair)")
+        return False
+    except OSError as exc:
+        problems.add(key, f"{path}: cannot read: {exc.strerror or exc}")
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        problems.add(key, f"{path} is not a regular file")
+        return False
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & open_bits and open_bits & 0o044:
+        problems.add(key, f"{path} is open to other users (mode {mode:o}); chmod 600 it")
+        return False
+    if mode & open_bits:
+        problems.add(key, f"{path} is writable by other users (mode {mode:o}): they could "
+                     f"put in a key of their own")
+        return False
+    return True
+
+
+def _secret_key(path: Path, problems: _Problems) -> None:
+    import zmq.auth  # only for a config with [remote]
+
+    if not _key_file(path, "remote.key", 0, problems):
+        return
+    public: bytes | None = None
+    secret: bytes | None = None
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except OSError as exc:
+        problems.add("remote.key", f"{path}: cannot read: {exc.strerror or exc}")
+        return
+    except ValueError:
+        pass  # not a certificate: said below
+    if not secret or not public:
+        problems.add("remote.key", f"{path} holds no secret key (give the .key_secret file "
+                     f"that `hotsup keygen` writes)")
+        return
+    _key_file(path, "remote.key", 0o077, problems)
+
+
+def _client_keys(directory: Path, problems: _Problems) -> dict[str, bytes]:
+    import zmq.auth
+
+    key = "remote.authorized_keys"
+    before = len(problems.lines)
+    try:
+        info = os.stat(directory)
+        names = sorted(p for p in directory.iterdir() if p.name.endswith(".key"))
+    except FileNotFoundError:
+        problems.add(key, f"{directory} not found (a directory of the clients' NAME.key files)")
+        return {}
+    except OSError as exc:
+        problems.add(key, f"{directory}: cannot read: {exc.strerror or exc}")
+        return {}
+    if not stat.S_ISDIR(info.st_mode):
+        problems.add(key, f"{directory} is not a directory")
+        return {}
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        problems.add(key, f"{directory} is writable by other users (mode "
+                     f"{stat.S_IMODE(info.st_mode):o}): they could put in a key of their own")
+        return {}
+    clients: dict[str, bytes] = {}
+    for path in names:
+        if not _NAME.match(path.stem):
+            problems.add(key, f"{path}: a key name may use letters, digits, _ . and -")
+            continue
+        if not _key_file(path, key, 0o022, problems):
+            continue
+        public: bytes | None = None
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except OSError as exc:
+            problems.add(key, f"{path}: cannot read: {exc.strerror or exc}")
+            continue
+        except ValueError:
+            pass  # not a certificate: said below
+        if not public:
+            problems.add(key, f"{path}: not a ZeroMQ certificate (no public-key in it: "
+                         f"`hotsup keygen` writes them)")
+            continue
+        clients[path.stem] = public
+    if not clients and len(problems.lines) == before:
+        problems.add(key, f"{directory} holds no NAME.key file: no client could connect")
+    return clients
+
+
+def _allow(table: dict[str, Any], clients: dict[str, bytes],
+           problems: _Problems) -> dict[str, tuple[str, ...]]:
+    allow: dict[str, tuple[str, ...]] = {}
+    for name, bundles in table.items():
+        if not isinstance(bundles, list) or not all(isinstance(b, str) for b in bundles):
+            problems.add(f"remote.allow.{name}", f"expected a list of bundle names, got "
+                         f"{_describe(bundles)}")
+            continue
+        if clients and name not in clients:
+            problems.add(f"remote.allow.{name}", f"no key {name}.key in authorized_keys")
+            continue
+        allow[name] = tuple(bundles)
+    return allow
 
 
 # -- bundle.toml ------------------------------------------------------------------

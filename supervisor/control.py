@@ -37,6 +37,11 @@ Commands (``args`` -> ``result``); each one's arguments are checked against its
   generation, msg); with ``wait`` > 0 and none yet, the reply waits up to that
   long (at most ``MAX_WAIT``) for one: that is how ``logs -f`` follows.
 * ``shutdown`` {} -> ``{"pid": int}``; the supervisor then drains and exits.
+* ``push_begin``, ``push_files``, ``push_commit``: a push of a bundle's files
+  (``push`` has that protocol); ``push_commit`` answers with a report.
+
+The same requests reach the network endpoint of ``[remote]`` (``remote``),
+over CURVE, from a ``RemoteClient``.
 
 A report is ``{"name", "result", "ok", "message", "generation", "duration_ms"}``;
 ``result`` is one of ``swap.Result``'s values, ``ok`` false for "rolled back"
@@ -163,7 +168,7 @@ def _check_args(cmd: str, args: dict[str, Any]) -> None:
             raise ControlError(f"{cmd}: argument {name!r} is out of range")
 
 
-def _reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
+def make_reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
     body: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": error is None}
     if error is None:
         body["result"] = result
@@ -271,7 +276,7 @@ class ControlServer:
     def _dispatch(self, route: bytes, body: list[bytes]) -> None:
         if len(self._tasks) >= MAX_INFLIGHT:
             task = asyncio.ensure_future(
-                self._send(route, _reply(None, error="too many requests in flight")))
+                self._send(route, make_reply(None, error="too many requests in flight")))
         else:
             task = asyncio.ensure_future(self._answer(route, body))
         self._tasks.add(task)
@@ -311,14 +316,14 @@ class ControlServer:
         try:
             request_id, request = parse_request(body)
             result = await self._submit(request)
-            reply = _reply(request_id, result)
+            reply = make_reply(request_id, result)
         except BadRequest as exc:
-            reply = _reply(exc.request_id, error=str(exc))
+            reply = make_reply(exc.request_id, error=str(exc))
         except ControlError as exc:
-            reply = _reply(request_id, error=str(exc))
+            reply = make_reply(request_id, error=str(exc))
         except Exception:
             log.exception("control: failed to answer a request")
-            reply = _reply(request_id, error="internal error (see the supervisor's log)")
+            reply = make_reply(request_id, error="internal error (see the supervisor's log)")
         await self._send(route, reply)
 
     async def _send(self, route: bytes, reply: bytes) -> None:
@@ -411,3 +416,104 @@ class ControlClient:
             raise ControlError(str(reply.get("error", "the supervisor refused the request")))
         return reply.get("result")
 
+    def close(self) -> None:
+        """Nothing to release: each request had its own socket."""
+
+
+class RemoteClient:
+    """A synchronous CURVE client with ``ControlClient``'s ``request()``; one
+    connection for all its requests (``close()`` it)."""
+
+    def __init__(self, endpoint: str, secret_key: str, server_key: str) -> None:
+        import zmq.auth
+
+        self.endpoint = endpoint
+        try:
+            mode = stat.S_IMODE(os.stat(secret_key).st_mode)
+            public, secret = zmq.auth.load_certificate(secret_key)
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"--key {secret_key}: cannot read the certificate: {exc}"
+                               ) from None
+        if not secret:
+            raise ControlError(f"--key {secret_key}: holds no secret key (give the "
+                               f".key_secret file that `hotsup keygen` writes)")
+        if mode & 0o077:
+            raise ControlError(f"--key {secret_key} is open to other users (mode {mode:o}); "
+                               f"chmod 600 it")
+        try:
+            server_public, _ = zmq.auth.load_certificate(server_key)
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"--server-key {server_key}: cannot read the certificate: "
+                               f"{exc}") from None
+        self._zctx = zmq.Context()
+        self._sock = self._zctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.curve_publickey = public
+        self._sock.curve_secretkey = secret
+        self._sock.curve_serverkey = server_public
+        # CURVE tells a refused client nothing on the wire, but libzmq's monitor
+        # does: the handshake's failure, so we need not wait for a timeout.
+        self._monitor: zmq.Socket[bytes] | None = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ControlError(f"--to {endpoint}: {exc} (expected tcp://HOST:PORT)") from None
+
+    def request(self, cmd: str, timeout: float, **args: Any) -> Any:
+        """The command's result. Unreachable if no answer comes within ``timeout``
+        seconds, or at once if the CURVE handshake failed (a wrong server key,
+        a key the supervisor does not know); ControlError if it refused."""
+        request_id = secrets.token_hex(8)
+        self._sock.send(json.dumps({"v": VERSION, "id": request_id, "cmd": cmd,
+                                    "args": args}).encode())
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if not ready:
+                raise Unreachable(f"{self.endpoint}: unreachable or not authorized (no answer "
+                                  f"within {timeout:g}s)" if self._monitor is not None else
+                                  f"{self.endpoint} did not answer {cmd!r} within "
+                                  f"{timeout:g}s")
+            if self._monitor is not None and self._monitor in ready:
+                self._handshake()
+                continue
+            reply = json.loads(self._sock.recv())
+            if isinstance(reply, dict) and reply.get("id") in (request_id, None):
+                break
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error", "the supervisor refused the request")))
+        return reply.get("result")
+
+    def _handshake(self) -> None:
+        """Read a monitor event: a failed handshake raises Unreachable."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._monitor is not None
+        event = recv_monitor_message(self._monitor)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._stop_monitor()
+            return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise Unreachable(f"{self.endpoint}: not authorized: the supervisor refused this "
+                              f"key (is its public key in the supervisor's authorized_keys?)")
+        raise Unreachable(f"{self.endpoint}: unreachable or not authorized: the CURVE "
+                          f"handshake failed (is --server-key the supervisor's public key?)")
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
+
+    def close(self) -> None:
+        self._stop_monitor()
+        self._sock.close()
+        self._zctx.term()

@@ -7,6 +7,10 @@ the control endpoint only enqueue; a command that someone waits for carries a
 ``reply`` future, resolved when the work is done (a reload: when its swap
 finished).
 
+With ``[remote]``, the CURVE endpoint (``remote``) submits the same requests,
+and pushes (``push``) land through ``_land``: staged, swapped in, then the
+bundle's pass, one push per bundle at a time.
+
 Start-up builds every resource in order on an ``AsyncExitStack``, so shut-down
 undoes them in reverse: stop watching, retire every bundle (drain), stop the
 zygote, close the listening sockets, close the worker channel.
@@ -30,17 +34,35 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 from . import descriptors
 from .checkpoint import CheckpointError, CheckpointStore
-from .commands import WIRE, Command, FilesChanged, Logs, Reload, Reply, Run, Shutdown, Status, Stop
+from .commands import (
+    WIRE,
+    Command,
+    FilesChanged,
+    Logs,
+    PushBegin,
+    PushCommit,
+    PushFiles,
+    Reload,
+    Reply,
+    Run,
+    Shutdown,
+    Status,
+    Stop,
+)
 from .config import BundleSource, Config, misnamed
 from .control import ControlError, ControlServer, Request
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
 from .notify import Notifier, summarize
 from .process import WorkerProcess
+from .push import PushStore, Session, clear_staging
+from .remote import RemoteServer
 from .sockets import SocketRegistry, systemd_sockets
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
 from .watcher import Watcher, adigest, digest_paths
@@ -71,6 +93,8 @@ class Supervisor:
         self._preloaded: list[Path] = []  # what the preloaded modules are (dirs, files)
         self._preload_digest = ""
         self._replacing = False  # a new zygote is being started
+        self._pushes = PushStore(config.remote)
+        self._remote: RemoteServer | None = None
         # Every command's handler; a test checks each wire command has one.
         self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -80,6 +104,9 @@ class Supervisor:
             Run: self._on_run,
             Status: self._on_status,
             Logs: self._on_logs,
+            PushBegin: self._on_push_begin,
+            PushFiles: self._on_push_files,
+            PushCommit: self._on_push_commit,
         }
         # Reads (and unsets) NOTIFY_SOCKET now, before any child could inherit it.
         self._notifier = Notifier(lambda: summarize(
@@ -107,6 +134,23 @@ class Supervisor:
             stack.push_async_callback(control.close)
             stack.callback(self._notifier.close)
             await self._start_metrics(stack)  # answers until the drain is done
+            for path in clear_staging(config.bundles_dir):
+                log.info("removed an unfinished push: %s", path)
+            stack.callback(self._pushes.close)
+            if config.remote is not None:
+                # Closed with the control endpoint (after every bundle), so a
+                # push waiting for its swap at shut-down still gets its answer.
+                # The network endpoint needs a zmq context here (the control socket's
+                # lives in its own process): only with [remote].
+                zctx = zmq.asyncio.Context()
+                stack.callback(zctx.destroy, 0)
+                self._remote = RemoteServer(zctx, config.remote, self.submit)
+                try:
+                    self._remote.start()
+                except zmq.ZMQError as exc:
+                    raise StartupError(f"{config.path}: remote.bind: cannot listen on "
+                                       f"{config.remote.bind}: {exc}") from None
+                stack.push_async_callback(self._remote.close)
             stack.push_async_callback(self._cancel_background)
             # systemd's sockets are taken (and LISTEN_* unset) before any child starts.
             sockets = SocketRegistry(systemd_sockets())
@@ -206,7 +250,8 @@ class Supervisor:
         command.reply.set_result({
             "supervisor": {"pid": os.getpid(), "config": str(self.config.path),
                            "uptime": round(time.monotonic() - self._started, 1),
-                           "log_dropped": self.sink.dropped_output},
+                           "log_dropped": self.sink.dropped_output,
+                           "remote": self._remote.endpoint if self._remote else None},
             "bundles": [runner.status() for _, runner in sorted(self.runners.items())],
         })
 
@@ -250,6 +295,59 @@ class Supervisor:
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
             await self._rescan()
+
+    async def _on_push_begin(self, command: PushBegin) -> None:
+        runner = self.runners.get(command.name)
+        if runner is not None and runner.stopped:
+            raise ControlError(f"{command.name} is stopped; `hotsup run {command.name}` "
+                               f"brings it back")
+        if runner is not None:
+            target = runner.source.path
+        elif self.config.bundles_dir is not None:
+            target = self.config.bundles_dir / command.name
+        else:
+            raise ControlError(f"no bundle named {command.name!r}, and no bundles_dir to "
+                               f"push a new one into")
+        self._background(_settle(command.reply, self._pushes.begin(
+            command.name, target, command.files, command.links)))
+
+    async def _on_push_files(self, command: PushFiles) -> None:
+        self._background(_settle(command.reply, self._pushes.add(command.push, command.blobs)))
+
+    async def _on_push_commit(self, command: PushCommit) -> None:
+        session = self._pushes.get(command.push)
+        self._background(_settle(command.reply, self._land(session)))
+
+    async def _land(self, session: Session) -> dict[str, Any]:
+        """Swap a push in and report the bundle's pass; one push per bundle at a
+        time, and a swap already running goes first (the runner's queue)."""
+        async with self._pushes.lock(session.name):
+            runner = self.runners.get(session.name)
+            if session.same and runner is not None:
+                await self._pushes.drop(session)
+                return runner.report(Outcome(Result.UNCHANGED, "the supervisor has this "
+                                             "content already"), 0.0)
+            try:
+                await self._pushes.stage(session)
+                self._pushes.swap_in(session)
+            except BaseException:
+                await self._pushes.drop(session)
+                raise
+            runner = self.runners.get(session.name) or self._add_pushed(session.name)
+            outcome = runner.reload()  # a new bundle: its first pass, "started"
+            await self._pushes.drop(session)  # the old tree
+            return await outcome
+
+    def _add_pushed(self, name: str) -> BundleRunner:
+        """Start a bundle a push just created: the rescan's last step, with no
+        await between the swap-in and the runner (the watcher's rescan, when
+        it comes, finds the bundle running)."""
+        source = self.config.sources().get(name)
+        if source is None:
+            raise ControlError(f"{name}: pushed, but not found in bundles_dir")
+        log.info("%s: new bundle in %s (pushed)", name, source.path, extra={"bundle": name})
+        self._add(source)
+        return self.runners[name]
 
     async def _rescan(self) -> None:
         """Look at bundles_dir again: retire removed bundles, start new ones.
@@ -454,6 +552,27 @@ def _refuse(command: Command, error: ControlError) -> None:
     reply: Reply | None = getattr(command, "reply", None)
     if reply is not None and not reply.done():
         reply.set_exception(error)
+
+
+async def _settle(reply: Reply | None, work: Coroutine[Any, Any, Any]) -> None:
+    """Resolve ``reply`` with what ``work`` returns, or with the ControlError it raised."""
+    try:
+        result = await work
+    except ControlError as exc:
+        if reply is not None and not reply.done():
+            reply.set_exception(exc)
+        return
+    except asyncio.CancelledError:
+        if reply is not None and not reply.done():
+            reply.set_exception(ControlError("the supervisor is shutting down"))
+        raise
+    except Exception as exc:
+        log.exception("a push failed")
+        if reply is not None and not reply.done():
+            reply.set_exception(ControlError(f"internal error: {exc!r}"))
+        return
+    if reply is not None and not reply.done():
+        reply.set_result(result)
 
 
 def _reply_when_done(waiters: list[asyncio.Future[dict[str, Any]]], reply: Reply | None,

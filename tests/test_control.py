@@ -297,7 +297,7 @@ GARBAGE: dict[str, tuple[list[bytes], str]] = {
                     "unsupported protocol version 1.0 (this supervisor speaks 1)"),
     "unknown command": ([b'{"v": 1, "id": "a", "cmd": "explode"}'],
                         "unknown command 'explode' (known: status, reload, stop, run, logs, "
-                        "shutdown)"),
+                        "shutdown, push_begin, push_files, push_commit)"),
     "unknown argument": ([b'{"v": 1, "id": "a", "cmd": "status", "args": {"x": 1}}'],
                          "status: unknown argument 'x'"),
     "wrong type": ([b'{"v": 1, "id": "a", "cmd": "stop", "args": {"name": 5}}'],
