@@ -297,8 +297,8 @@ class BundleRunner:
             "checkpoint": self._checkpoint,
             "outcomes": dict(self.outcomes),
             "swap_ms": self.swap_times.as_dict(),
-            "checkpoint_bytes": self._checkpoint["bytes"] if self._checkpoint else None,
-            "checkpoint_at": self._checkpoint["at"] if self._checkpoint else None,
+            "checkpoint_bytes": (self._checkpoint or {}).get("bytes"),
+            "checkpoint_at": (self._checkpoint or {}).get("at"),
         }
 
     async def close(self) -> None:
@@ -362,7 +362,10 @@ class BundleRunner:
             finally:  # also when close() cancels the loop: nobody waits for ever
                 if isinstance(event, Pass | RunAsked):
                     self._passes += 1
-                if outcome is not None and outcome is not _CLOSING:
+                # A death that only arms a restart is counted when the restart is made.
+                armed = isinstance(event, Exited) and outcome is not None \
+                    and outcome.result is Result.RESTARTED
+                if outcome is not None and outcome is not _CLOSING and not armed:
                     self.outcomes[outcome.result.value] += 1
                 self._answer(event.waiters, outcome or Outcome(Result.UNCHANGED), started)
 
