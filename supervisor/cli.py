@@ -344,13 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hotsup",
         description="A process-isolated reloading supervisor for Python bundles.",
     )
+    # -c FILE before the command too (``hotsup -c FILE status``): its own dest,
+    # since a subparser's defaults would overwrite a shared one; main() merges them.
+    parser.add_argument("-c", "--config", dest="config_first", metavar="FILE",
+                        help="the config.toml (also accepted after the command)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     start = commands.add_parser("start", help="run the supervisor in the foreground")
-    start.add_argument("config", nargs="?", default="config.toml")
+    start.add_argument("config", nargs="?")
     start.add_argument("--json", action="store_true", help="log one JSON object per record")
     start.set_defaults(func=_start)
     checker = commands.add_parser("check", help="validate config.toml and every bundle")
-    checker.add_argument("config", nargs="?", default="config.toml")
+    checker.add_argument("config", nargs="?")
     checker.set_defaults(func=_check)
 
     def remote(name: str, func: Callable[[argparse.Namespace], int],
@@ -418,9 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _merge_config(args: argparse.Namespace) -> None:
+    """One ``args.config`` from ``-c FILE`` given before or after the command."""
+    first, after = args.config_first, getattr(args, "config", None)
+    if first is not None and after is not None and first != after:
+        raise UsageError(f"two config files given ({first} and {after}): give one")
+    args.config = after if after is not None else first
+    if args.config is None and args.command in ("start", "check"):
+        args.config = "config.toml"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _merge_config(args)
         code: int = args.func(args)
     except UsageError as exc:
         print(f"hotsup {args.command}: {exc}", file=sys.stderr)
