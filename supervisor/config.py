@@ -9,12 +9,14 @@ loaded on its own (``load_bundle``) so one broken bundle never stops another.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import json
 import os
 import pwd
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -911,17 +913,20 @@ def preload_conflicts(config: Config, sources: list[BundleSource]) -> list[str]:
     ]
 
 
-def check(config_path: Path) -> list[str]:
+def check(config_path: Path, probe: bool = True) -> list[str]:
     """Every problem in config.toml and its bundles, without starting anything.
 
     The bundles are checked even when config.toml has problems (with the
     defaults standing in for its bad values), so one run lists everything.
+    With ``probe``, each valid bundle's entry is also imported as a worker
+    would, in a throwaway interpreter (``probe_entries``).
     """
     config, problems = _read_config(config_path)
     if config is None:
         return problems
     owners: dict[str, str] = {}
     sources = config.sources()
+    loaded: list[tuple[BundleSource, BundleSpec]] = []
     zygote_modules, preload_errors = _zygote_modules(config.preload)
     in_bundles = {module for module in config.preload for source in sources.values()
                   if _module_exists(source.path, module.split(".")[0])}
@@ -936,6 +941,7 @@ def check(config_path: Path) -> list[str]:
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
+        loaded.append((source, spec))
         problems.extend(f"{line}: rename it (the worker imports a module of that name first)"
                         for line in importer.shadowed(source.path, zygote_modules))
         problems.extend(systemd_problems(source, spec))
@@ -952,6 +958,59 @@ def check(config_path: Path) -> list[str]:
         if user is not None:
             problems.append(f"{config.path}: supervisor.metrics: {host}:{port} is also a "
                             f"socket of bundle {user!r}")
+    if probe:
+        problems.extend(probe_entries(config, loaded))
+    return problems
+
+
+def probe_entries(config: Config, bundles: list[tuple[BundleSource, BundleSpec]]) -> list[str]:
+    """Import each bundle's entry as a worker would (``hotsup.worker.probe``), all at
+    once, each in a fresh interpreter of its own session, bounded by the bundle's
+    ``start_timeout``. Nothing is served and the entry is never called.
+
+    Returns one line per failure: the bundle's file and line where the error
+    was raised (a SyntaxError's own), else the file and key that name it.
+    """
+    running: list[tuple[BundleSource, BundleSpec, subprocess.Popen[str]]] = []
+    for source, spec in bundles:
+        # -P: the cwd does not go on sys.path; the probe puts the bundle there.
+        # A session of its own, so a timeout kills whatever the import started.
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "hotsup.worker.probe", str(spec.path), spec.entry],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True, cwd=config.path.parent)
+        running.append((source, spec, proc))
+    problems = []
+    for source, spec, proc in running:
+        key_file = config.path if "entry" in source.overrides else source.manifest
+        key = f"bundles.{source.name}.entry" if "entry" in source.overrides else "entry"
+        timeout = spec.timing.start_timeout
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the probe's own session, by its pid
+            proc.communicate()
+            problems.append(f"{key_file}: {key}: importing {spec.entry!r} did not finish "
+                            f"within start_timeout ({timeout:g}s)")
+            continue
+        try:
+            result = json.loads(out.splitlines()[-1])
+        except (ValueError, IndexError):
+            problems.append(f"{key_file}: {key}: importing {spec.entry!r} killed the "
+                            f"interpreter (exit status {proc.returncode})")
+            continue
+        error = result.get("error")
+        if error is None:
+            continue
+        if error.startswith("AttributeError: bundle.toml: "):  # the entry names nothing
+            error = error.removeprefix("AttributeError: bundle.toml: ")
+            problems.append(f"{key_file}: {key}: {error.partition(': ')[2]}")
+        elif result.get("file"):
+            problems.append(f"{result['file']}:{result['line']}: {error} (bundle "
+                            f"{source.name!r}, {key} = {spec.entry!r})")
+        else:
+            problems.append(f"{key_file}: {key}: {error}")
     return problems
 
 

@@ -146,7 +146,7 @@ def valid_setup(tmp_path: Path) -> Path:
         entry = "api:Api"
         [sockets.http]
         bind = "[::1]:8103"
-    """, module="api")
+    """, module="api", body="class Api: pass\n")  # check() imports the entry
     return cfg
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Hotsup, request, serve_counter
+from harness import Hotsup, counter_source, free_port, request, serve_counter, write_bundle
 from hotsup.supervisor import cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,3 +66,47 @@ def test_c_file_before_the_command_reaches_the_supervisor(hotsup: MakeHotsup,
     assert request(port, "get").startswith("count=0 generation=2")
     done = hotsup_cli(sup, "-c", str(sup.config), "check")
     assert done.returncode == 0, done.stderr
+
+
+# -- hotsup check imports each entry ----------------------------------------------------
+
+CODE_ERRORS = {
+    "syntax error": ('entry = "counter:Counter"\n', "x = 1\ndef f(:\n",
+                     "counter.py:2: SyntaxError: invalid syntax (bundle 'counter'"),
+    "import error": ('entry = "counter:Counter"\n', "x = 1\nimport nosuchmodule\n",
+                     "counter.py:2: ModuleNotFoundError: No module named 'nosuchmodule'"),
+    "missing attribute": ('entry = "counter:Countr"\n', None,
+                          "bundle.toml: entry: counter.py has no attribute 'Countr'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CODE_ERRORS))
+def test_check_imports_each_entry_and_names_file_and_line(hotsup: MakeHotsup,
+                                                          kind: str) -> None:
+    manifest, source, expected = CODE_ERRORS[kind]
+    sup = hotsup()
+    bundle = sup.bundles / "counter"
+    bundle.mkdir()
+    started = bundle / "started"  # the entry must never be called, nor start() run
+    body = counter_source("v0", init=f"open({str(started)!r}, 'w').close()")
+    (bundle / "bundle.toml").write_text(
+        f'{manifest}[sockets.main]\nbind = "127.0.0.1:{free_port()}"\n')
+    (bundle / "counter.py").write_text(source or body)
+    write_bundle(sup.bundles / "fine", body, free_port())  # the others are checked too
+    done = hotsup_cli(sup, "check", str(sup.config))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and expected in lines[0], lines
+    assert lines[0].startswith(str(bundle)), "the line names the bundle's file"
+    assert lines[1] == "hotsup check: 1 problem(s)"
+    assert not started.exists(), "check never calls the entry"
+    assert not (sup.root / ".hotsup").exists(), "check starts nothing"
+
+
+def test_check_bounds_a_hanging_import_by_start_timeout(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nstart_timeout = 1.0\n")
+    write_bundle(sup.bundles / "counter", "import time\ntime.sleep(3600)\n", free_port())
+    done = hotsup_cli(sup, "check")
+    assert done.returncode == 1, done.stderr
+    assert ("bundle.toml: entry: importing 'counter:Counter' did not finish within "
+            "start_timeout (1s)") in done.stderr, done.stderr

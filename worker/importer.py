@@ -64,11 +64,23 @@ def _under(entry: str, root: str) -> bool:
 
 
 def resolve(entry: str) -> Any:
-    """The object ``module:attribute`` names (the attribute may be dotted)."""
+    """The object ``module:attribute`` names (the attribute may be dotted).
+
+    A missing attribute is an AttributeError that names bundle.toml's key
+    ``entry`` and the module's file: the user's fix is in one or the other.
+    An error raised while the module is imported propagates unchanged.
+    """
     module_name, _, attribute = entry.partition(":")
-    target: Any = importlib.import_module(module_name)
+    module = importlib.import_module(module_name)
+    target: Any = module
     for part in attribute.split("."):
-        target = getattr(target, part)
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            where = os.path.basename(getattr(module, "__file__", None) or module_name)
+            raise AttributeError(
+                f"bundle.toml: entry = {entry!r}: {where} has no attribute {part!r} "
+                f"(fix the key entry, or define {part} in {where})") from None
     return target
 
 
