@@ -168,6 +168,20 @@ def _check_args(cmd: str, args: dict[str, Any]) -> None:
             raise ControlError(f"{cmd}: argument {name!r} is out of range")
 
 
+async def wind_down(receiver: asyncio.Task[None] | None, tasks: set[asyncio.Task[None]],
+                    grace: float = 1.0) -> None:
+    """Stop a server's ``receiver`` taking requests, give the answers on their way
+    (``tasks``) ``grace`` seconds to leave, then cancel what is left."""
+    if receiver is not None:
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def make_reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
     body: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": error is None}
     if error is None:
@@ -285,14 +299,7 @@ class ControlServer:
     async def close(self) -> None:
         """Stop taking requests; let answers already on their way leave (1 s at
         most), then close."""
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=1.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await wind_down(self._receiver, self._tasks)
         await self._stop_endpoint()
 
     async def _stop_endpoint(self) -> int | None:

@@ -45,6 +45,7 @@ from .control import (
     Submit,
     make_reply,
     parse_request,
+    wind_down,
 )
 
 log = logging.getLogger("hotsup")
@@ -148,14 +149,7 @@ class RemoteServer:
 
     async def close(self) -> None:
         """Stop taking requests, let answers on their way leave (1 s at most), close."""
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=1.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await wind_down(self._receiver, self._tasks)
         if self._sock is not None:
             self._sock.close()
         self._auth.stop()
