@@ -203,8 +203,8 @@ class HttpListener(Listener):
         if not self._connections:
             self._idle.set()
 
-    def pause(self) -> None:
-        super().pause()
+    def pause(self, carry: bool = False) -> None:
+        super().pause(carry)
         self._closing = True
         if self._connections:
             self._log.debug("paused: ending %d connection(s) between requests",

@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
 from typing import Any
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -31,6 +33,26 @@ _BROKEN = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 _ACCEPT_BATCH = 64
 
 
+@dataclass
+class Carried:
+    """A connection moving from this generation to its successor at a hand-over.
+
+    ``fd`` is a duplicate of the connection's socket that the receiver owns
+    (the sender keeps its own until the move is committed or rolled back);
+    ``buffered`` is what was read from the socket but not yet consumed (it
+    goes first, before anything more the socket delivers); ``kind`` tells the
+    successor's listener how to take it up (``"http"`` an idle keep-alive
+    connection, ``"websocket"``, ``"stream"`` a service bundle's
+    ``ctx.hand_over``); ``meta`` is whatever that kind needs (picklable: it
+    travels like a snapshot, between generations of the same bundle only).
+    """
+
+    kind: str
+    fd: int
+    buffered: bytes = b""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 class Listener:
     """Accepts connections on ``sock``; each is served by ``_serve_connection``.
 
@@ -40,6 +62,22 @@ class Listener:
     again; ``inflight`` counts connections accepted and not yet finished
     (``_serve_connection`` returned); ``wait_idle()`` waits until it is zero.
     Every connection task is strongly referenced until it ends.
+
+    Carrying connections across a hand-over (all optional for a subclass; the
+    defaults carry nothing):
+
+    * ``pause(carry=True)``: the pause is a hand-over's; connections that can
+      move (idle between requests, at a frame boundary, a handler in
+      ``ctx.hand_over``) may be *parked* instead of ended: no longer read or
+      written by this generation, and no longer counted in ``inflight``.
+    * ``parked()``: a ``Carried`` for each parked connection (fresh duplicate
+      fds, owned by the caller), once the pause's wait is over.
+    * ``release_parked()``: the successor took them: drop this generation's
+      side without a byte on the wire (never a FIN: the successor's fd keeps
+      the connection open).
+    * ``resume()`` after a pause: parked connections are served here again
+      (the swap rolled back), from where they stopped.
+    * ``adopt(item)``: the successor's side; the default closes the fd, logged.
 
     This class owns accepting; how a connection is served is a subclass's
     ``_serve_connection``: ``StreamsListener`` here (``ctx.serve``), the ASGI
@@ -79,7 +117,7 @@ class Listener:
     def inflight(self) -> int:
         return len(self._tasks)
 
-    def pause(self) -> None:
+    def pause(self, carry: bool = False) -> None:
         self._accepting = False
         self._set_reading(False)
         if self._retry is not None:
@@ -89,6 +127,20 @@ class Listener:
     def resume(self) -> None:
         self._accepting = True
         self._set_reading(True)
+
+    def parked(self) -> list[Carried]:
+        """The connections parked for the successor (see the class docstring)."""
+        return []
+
+    def release_parked(self) -> None:
+        """The successor took the parked connections: drop ours, silently."""
+
+    def adopt(self, item: Carried) -> None:
+        """Serve a connection a predecessor carried here. Owns ``item.fd``."""
+        self._log.warning("socket %r: a carried %s connection cannot be taken up here; closed",
+                          self.name, item.kind)
+        with contextlib.suppress(OSError):
+            os.close(item.fd)
 
     def _set_reading(self, on: bool) -> None:
         if on and (self._broken or self._sock.fileno() < 0):
