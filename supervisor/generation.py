@@ -25,14 +25,14 @@ import asyncio
 import enum
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hotsup.worker import protocol
+from hotsup.worker import channel, protocol
 
 from .config import BundleSpec
-from .process import WorkerError
+from .process import WorkerError, WorkerReply
 
 log = logging.getLogger("hotsup")
 
@@ -96,6 +96,8 @@ class Worker(Protocol):
     async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]: ...
+    async def request(self, op: str, timeout: float, payload: bytes | None = None,
+                      fds: Sequence[int] = (), **fields: Any) -> WorkerReply: ...
     def kill(self) -> None: ...
     async def wait_exit(self, timeout: float) -> bool: ...
     async def describe_exit(self) -> str: ...
@@ -118,6 +120,27 @@ class Hooks:
     def of(cls, loaded: dict[str, Any]) -> Hooks:
         hooks = loaded.get("hooks", {})
         return cls(**{name: bool(hooks.get(name)) for name in ("snapshot", "restore", "stop")})
+
+
+@dataclass
+class Handover:
+    """What a paused generation hands its successor: its snapshot, and the
+    connections it parked, in batches as the worker gave them (a pickled
+    manifest, opaque here, and one fd per connection). The fds are the
+    supervisor's copies: ``close()`` once the successor has its own (or the
+    swap rolled back, and the old generation serves them again)."""
+
+    snapshot: bytes
+    batches: list[tuple[bytes | None, tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def connections(self) -> int:
+        return sum(len(fds) for _, fds in self.batches)
+
+    def close(self) -> None:
+        for _, fds in self.batches:
+            channel.close_fds(fds)
+        self.batches = []
 
 
 class Generation:
@@ -163,34 +186,61 @@ class Generation:
         self.hooks = Hooks.of(loaded)
         self.move(GenState.LOADED)
 
-    async def begin(self, snapshot: bytes | None) -> None:
-        """LOADED -> READY: restore(snapshot) if any, then start().
+    async def begin(self, snapshot: bytes | None, carried: Handover | None = None) -> None:
+        """LOADED -> READY: restore(snapshot) if any, then start(), then take up
+        the ``carried`` connections.
 
         The worker accepts nothing until start() returned, so a generation
-        that fails here has no connection to lose when it is killed.
+        that fails here has no connection to lose when it is killed (carried
+        ones are duplicates: their originals stay with the old generation).
         """
         try:
+            for manifest, fds in carried.batches if carried is not None else ():
+                reply = await self.process.request(protocol.OP_ADOPT, self._grace, manifest, fds)
+                channel.close_fds(reply.fds)
             await self.process.call(protocol.OP_START, self.spec.timing.start_timeout, snapshot)
         except WorkerError as exc:
             raise SwapAborted(str(exc)) from None
         self.move(GenState.READY)
 
-    async def pause(self) -> bytes:
-        """READY -> PAUSED: stop accepting, let in-flight connections finish, take
-        the snapshot."""
+    async def pause(self) -> Handover:
+        """READY -> PAUSED: stop accepting, let in-flight connections finish or
+        park for the successor, take the snapshot, collect the parked ones."""
         self.move(GenState.PAUSED)
         timing = self.spec.timing
         try:
-            _, snapshot = await self.process.call(
+            reply = await self.process.request(
                 protocol.OP_PAUSE, timing.quiesce_timeout + self._grace,
-                quiesce_timeout=timing.quiesce_timeout, snapshot=True,
+                quiesce_timeout=timing.quiesce_timeout, snapshot=True, carry=True,
                 max_bytes=timing.max_snapshot_bytes)
         except WorkerError as exc:
             raise SwapAborted(f"{self.tag} could not hand over its state: {exc}",
                               transient=exc.kind == "Busy") from None
-        if snapshot is None:
+        channel.close_fds(reply.fds)
+        if reply.payload is None:
             raise SwapAborted(f"{self.tag} sent no snapshot")
-        return snapshot
+        handover = Handover(reply.payload)
+        parked = int(reply.header.get("parked", 0))
+        try:
+            while handover.connections < parked:
+                batch = await self.process.request(protocol.OP_PARKED, self._grace)
+                handover.batches.append((batch.payload, batch.fds))
+                if not batch.fds:
+                    break  # it has no more to give than it said: carry what came
+        except WorkerError as exc:
+            handover.close()
+            raise SwapAborted(f"{self.tag} could not hand over its connections: {exc}") from None
+        return handover
+
+    async def handed(self) -> None:
+        """The successor serves the connections this (paused) generation parked:
+        it drops its side of them. Logged if it cannot (its copies then close
+        when it exits)."""
+        try:
+            await self.process.call(protocol.OP_HANDED, self._grace)
+        except WorkerError as exc:
+            self.log.warning("%s: could not release the connections it handed over: %s",
+                             self.tag, exc)
 
     async def resume(self, state: bytes | None = None) -> bool:
         """PAUSED or HELD -> READY (restoring ``state`` first, if given). False if

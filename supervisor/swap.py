@@ -49,7 +49,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
-from .generation import LIVE, Generation, GenState, SwapAborted, Worker
+from .generation import LIVE, Generation, GenState, Handover, SwapAborted, Worker
 from .generation import Spawner as Spawner
 from .intensity import GiveUp, RestartIntensity
 from .mailbox import (
@@ -586,17 +586,22 @@ class BundleRunner:
                                       Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: bytes | None = None
+        handover: Handover | None = None
         try:
             await new.load()
             if old.hands_over_to(new) and not discard_state:
                 paused_at = time.monotonic()
-                snapshot = await old.pause()
-                await new.begin(snapshot)
+                handover = await old.pause()
+                snapshot = handover.snapshot
+                await new.begin(snapshot, handover)
             else:
                 await new.begin(None)
         except Exception as exc:
+            if handover is not None:
+                handover.close()
             await new.discard(str(exc))
             self._forget(new)
+            # Resuming serves the connections it parked again, where they stopped.
             resumed = old.state is not _S.PAUSED or await old.resume()
             if not resumed and snapshot is not None:
                 # It is being killed; its exit restarts the bundle, from this
@@ -614,6 +619,12 @@ class BundleRunner:
             return self._record_error(f"swap to {new.tag} rolled back: {exc}; {old.tag} could "
                                       f"not resume and is restarted", Result.ROLLED_BACK)
         ready_at = time.monotonic()
+        if handover is not None:
+            carried = handover.connections
+            handover.close()  # the successor holds its own copies now
+            if carried:
+                await old.handed()
+                self.log.info("%s: %d connection(s) carried from %s", new.tag, carried, old.tag)
         self._make_current(new, spec)
         self.last_error = None
         self._busy_retries = 0

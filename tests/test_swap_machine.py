@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from hotsup.supervisor import generation
 from hotsup.supervisor.checkpoint import CheckpointError, CheckpointStore
 from hotsup.supervisor.config import BundleSource, BundleSpec, load_config
 from hotsup.supervisor.generation import GenState, IllegalMove
-from hotsup.supervisor.process import WorkerError
+from hotsup.supervisor.process import WorkerError, WorkerReply
 from hotsup.supervisor.sockets import SocketRegistry
 from hotsup.supervisor.swap import BundleRunner, BundleState, Services, Timings
 
@@ -78,6 +78,11 @@ class FakeWorker:
         snapshots = op in ("pause", "snapshot") or (op == "retire" and fields.get("snapshot"))
         data = f"state of {self.number}".encode() if snapshots else None
         return {"ok": True}, data
+
+    async def request(self, op: str, timeout: float, payload: bytes | None = None,
+                      fds: Sequence[int] = (), **fields: Any) -> WorkerReply:
+        header, data = await self.call(op, timeout, payload, **fields)
+        return WorkerReply(header, data, ())
 
     def crash(self) -> None:
         if not self.exited.done():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -9,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .listener import ClientCallback, Listener, StreamsListener
+from .listener import ClientCallback, Listener, ResumeCallback, StreamsListener
 from .protocol import BACKLOG
 
 
@@ -44,7 +45,8 @@ class BundleContext:
     bundle's own dup of the listening socket, which it may close and cannot
     ``shutdown()``), ``log`` (a
     logger whose records reach the supervisor tagged ``name@generation``),
-    ``path`` (the bundle directory) and ``serve()``.
+    ``path`` (the bundle directory), ``serve()``, and for carrying
+    connections across a hand-over ``pausing`` and ``hand_over()``.
     """
 
     def __init__(
@@ -69,6 +71,12 @@ class BundleContext:
         #: Whether the runtime lets listeners accept: not before start()
         #: succeeded, not while paused for a hand-over, not once retiring.
         self.accepting = False
+        #: Set when this generation is asked to pause (a swap is under way),
+        #: cleared if it resumes after a rollback: a handler waiting for its
+        #: client's next message waits for this too, and then calls hand_over().
+        self.pausing = asyncio.Event()
+        #: The bundle's ``resume(reader, writer, state)``, set by the runtime.
+        self.resume_hook: ResumeCallback | None = None
 
     def listening(self, socket_name: str) -> socket.socket:
         """The runtime's own copy of a listening socket (for the runtime's
@@ -94,6 +102,23 @@ class BundleContext:
         """
         sock = self.listening(socket_name)
         listener = StreamsListener(socket_name, sock, client_connected_cb, self.log,
-                                   accepting=self.accepting)
+                                   accepting=self.accepting, resume=lambda: self.resume_hook)
         self.listeners.append(listener)
         return listener
+
+    async def hand_over(self, writer: asyncio.StreamWriter, state: Any = None) -> bool:
+        """Move this connection (served by ``serve()``) to the next generation.
+
+        Call it from a handler whose connection is idle at a message boundary
+        once ``pausing`` is set. True: the connection, with whatever its
+        reader had buffered, went to the successor, whose bundle's
+        ``async def resume(self, reader, writer, state)`` serves it from here
+        (``state``: anything picklable, the handler's own state for this
+        client); return without touching ``writer``. False: there is no
+        hand-over to join (not pausing, or a swap that carries nothing), or the
+        swap was rolled back: serve on.
+        """
+        for listener in self.listeners:
+            if isinstance(listener, StreamsListener) and listener.owns(writer):
+                return await listener.hand_over(writer, state)
+        return False

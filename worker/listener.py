@@ -19,9 +19,9 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -92,6 +92,7 @@ class Listener:
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._parked_tasks: set[asyncio.Task[None]] = set()  # in _tasks, not in flight
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = False  # what the runtime asked for
@@ -115,7 +116,7 @@ class Listener:
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) - len(self._parked_tasks)
 
     def pause(self, carry: bool = False) -> None:
         self._accepting = False
@@ -205,14 +206,34 @@ class Listener:
                     self._retry = self._loop.call_later(0.1, self._retry_accept)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._serve_connection(conn))
-            self._tasks.add(task)
-            self._idle.clear()
-            task.add_done_callback(self._forget)
+            self._start_task(self._serve_connection(conn))
+
+    def _start_task(self, serving: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(serving)
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not self._tasks:
+        self._parked_tasks.discard(task)
+        self._recount()
+
+    def _park(self, task: asyncio.Task[None]) -> None:
+        """``task``'s connection waits for the successor: not in flight any more."""
+        if task in self._tasks:
+            self._parked_tasks.add(task)
+            self._recount()
+
+    def _unpark(self, task: asyncio.Task[None]) -> None:
+        if task in self._parked_tasks:
+            self._parked_tasks.discard(task)
+            self._recount()
+
+    def _recount(self) -> None:
+        if self.inflight:
+            self._idle.clear()
+        else:
             self._idle.set()
 
     async def _serve_connection(self, conn: socket.socket) -> None:
@@ -223,21 +244,131 @@ class Listener:
         raise NotImplementedError
 
 
+#: ``resume(reader, writer, state)``: the bundle's hook for a connection carried to it.
+ResumeCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Any], Awaitable[None]]
+
+
+@dataclass
+class _Parking:
+    """A ``ctx.hand_over`` in progress: its connection, and the answer it waits for."""
+
+    task: asyncio.Task[None]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    state: Any
+    moved: asyncio.Future[bool]
+
+
 class StreamsListener(Listener):
     """Serves ``callback(reader, writer)`` for every connection (``ctx.serve``).
 
-    A connection is in flight until the callback returned and the transport closed.
+    A connection is in flight until the callback returned and the transport
+    closed, or until its handler calls ``hand_over`` during a carrying pause:
+    then it is parked (nothing reads it) and the handler waits for the
+    outcome. A connection carried here from a predecessor is served by
+    ``resume(reader, writer, state)`` (the bundle's hook), its reader fed
+    first with what the predecessor had read but not consumed.
     """
 
     def __init__(
         self, name: str, sock: socket.socket, callback: ClientCallback, log: logging.Logger,
-        accepting: bool = True,
+        accepting: bool = True, resume: Callable[[], ResumeCallback | None] | None = None,
     ) -> None:
         self._callback = callback
+        self._resume_hook = resume
+        self._carrying = False  # a hand-over pause: hand_over() may park connections
+        self._streams: dict[asyncio.StreamWriter, tuple[asyncio.StreamReader,
+                                                        asyncio.Task[None]]] = {}
+        self._parking: dict[asyncio.StreamWriter, _Parking] = {}
         super().__init__(name, sock, log, accepting)
 
+    def owns(self, writer: asyncio.StreamWriter) -> bool:
+        return writer in self._streams
+
+    def pause(self, carry: bool = False) -> None:
+        super().pause(carry)
+        self._carrying = carry
+
+    async def hand_over(self, writer: asyncio.StreamWriter, state: Any) -> bool:
+        """Park ``writer``'s connection for the successor (``ctx.hand_over``).
+
+        True once the successor took it (this side is closed without a byte
+        on the wire: the caller must not touch it); False at once when no
+        carrying pause is under way, or later when the swap rolled back (the
+        connection is served here again, reading where it stopped).
+        """
+        entry = self._streams.get(writer)
+        if not self._carrying or entry is None or writer.transport.is_closing():
+            return False
+        reader, task = entry
+        # Nothing is read from here on: whatever arrives waits in the kernel for
+        # whichever generation serves the connection next.
+        _transport(writer).pause_reading()
+        parking = _Parking(task, reader, writer, state, self._loop.create_future())
+        self._parking[writer] = parking
+        self._park(task)
+        try:
+            return await parking.moved
+        finally:
+            self._parking.pop(writer, None)
+            self._unpark(task)
+
+    def parked(self) -> list[Carried]:
+        items = []
+        for parking in self._parking.values():
+            sock = parking.writer.get_extra_info("socket")
+            if sock is None or sock.fileno() < 0:
+                continue
+            # StreamReader has no public peek: its buffer is what was read from
+            # the socket and not consumed by the handler, which must go first.
+            buffered = bytes(getattr(parking.reader, "_buffer", b""))
+            items.append(Carried("stream", os.dup(sock.fileno()), buffered,
+                                 {"state": parking.state}))
+        return items
+
+    def release_parked(self) -> None:
+        for parking in list(self._parking.values()):
+            # abort(): close our fd without flushing or shutting down; the
+            # successor's duplicate keeps the connection open.
+            parking.writer.transport.abort()
+            if not parking.moved.done():
+                parking.moved.set_result(True)
+
+    def resume(self) -> None:
+        self._carrying = False
+        for parking in list(self._parking.values()):
+            if not parking.moved.done():
+                _transport(parking.writer).resume_reading()
+                parking.moved.set_result(False)
+        super().resume()
+
+    def adopt(self, item: Carried) -> None:
+        hook = self._resume_hook() if self._resume_hook is not None else None
+        if item.kind != "stream" or hook is None:
+            why = "the bundle has no resume(reader, writer, state) hook" if hook is None \
+                else f"it is a {item.kind} connection"
+            self._log.warning("socket %r: a connection carried from the previous generation "
+                              "was closed: %s", self.name, why)
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+            return
+        conn = socket.socket(fileno=item.fd)
+        conn.setblocking(False)
+        state = item.meta.get("state")
+
+        async def resume(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await hook(reader, writer, state)
+
+        self._start_task(self._serve(conn, resume, item.buffered))
+
     async def _serve_connection(self, conn: socket.socket) -> None:
+        await self._serve(conn, self._callback, b"")
+
+    async def _serve(self, conn: socket.socket, callback: ClientCallback,
+                     buffered: bytes) -> None:
         reader = asyncio.StreamReader(loop=self._loop)
+        if buffered:
+            reader.feed_data(buffered)
         protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
         try:
             transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock=conn)
@@ -246,13 +377,23 @@ class StreamsListener(Listener):
             self._log.warning("connection on %r lost before it was served: %s", self.name, exc)
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[writer] = (reader, task)
         try:
-            await self._callback(reader, writer)
+            await callback(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to report
         except Exception:
             self._log.exception("connection handler for socket %r failed", self.name)
         finally:
+            del self._streams[writer]
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+
+
+def _transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
+    """A served connection's transport: a full (read-write) one (uvloop's
+    transports do not subclass asyncio's, so this is a cast, not a check)."""
+    return cast(asyncio.Transport, writer.transport)

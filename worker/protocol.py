@@ -32,6 +32,15 @@ optionally ``snapshot``; the reply's payload is the snapshot), ``resume``
 (payload: a newer state to ``restore()`` first, if any), ``snapshot`` (without
 pausing), ``retire`` (stop accepting, drain, optionally ``snapshot`` (the
 reply's payload), ``stop()``, then exit), ``ping``.
+
+Carrying connections across a hand-over: a ``pause`` with ``carry`` true may
+park connections (its reply says how many: ``parked``); ``parked`` takes the
+next batch of them (the reply's fds, one per connection, and as payload a
+pickled manifest ``[(socket, kind, buffered, meta), ...]`` in the same order;
+``count`` says how many); ``adopt`` gives such a batch to the successor before
+its ``start`` (which takes them up once ``start()`` returned); ``handed`` tells
+the paused generation that its successor has them (it drops its side), and a
+``resume`` instead means the swap rolled back (it serves them again).
 A snapshot is refused (``error_type`` ``SnapshotError``) when it cannot be
 pickled or is larger than the request's ``max_bytes``.
 """
@@ -70,6 +79,9 @@ OP_RESUME: Final = "resume"
 OP_SNAPSHOT: Final = "snapshot"
 OP_RETIRE: Final = "retire"
 OP_PING: Final = "ping"
+OP_PARKED: Final = "parked"
+OP_ADOPT: Final = "adopt"
+OP_HANDED: Final = "handed"
 
 # Zygote channel operations.
 ZY_SPAWN: Final = "spawn"

@@ -44,6 +44,7 @@ from . import asgi, importer, wsgi
 from . import channel as wire
 from . import protocol as P
 from .context import BundleContext
+from .listener import Carried
 
 #: Seconds a worker's loop gets to exit by itself once the supervisor is gone,
 #: before its watchdog kills the worker's whole process group.
@@ -173,7 +174,15 @@ class Worker:
             P.OP_SNAPSHOT: self._snapshot,
             P.OP_RETIRE: self._retire,
             P.OP_PING: self._ping,
+            P.OP_PARKED: self._take_parked,
+            P.OP_ADOPT: self._adopt,
+            P.OP_HANDED: self._handed,
         }
+        #: Connections parked by the pause (listener name, item), until the
+        #: supervisor takes them or the pause ends; their fds are ours.
+        self._parked: list[tuple[str, Carried]] = []
+        #: Connections carried to us, taken up once start() returned.
+        self._adopted: list[tuple[str, Carried]] = []
         self._serial = asyncio.Lock()
 
     async def run(self) -> int:
@@ -304,7 +313,10 @@ class Worker:
             # channel it handed us at fork: nobody else holds its other end.
             state = pickle.loads(payload)
             await _maybe_await(self.bundle.restore(state))
+        resume = getattr(self.bundle, "resume", None)
+        self.ctx.resume_hook = resume if callable(resume) else None
         await _maybe_await(self.bundle.start())
+        self._take_up_adopted()
         self.ctx.accepting = True
         for listener in self.ctx.listeners:  # ready: now accept
             listener.resume()
@@ -314,28 +326,81 @@ class Worker:
         return {"listeners": len(self.ctx.listeners)}
 
     async def _pause(self, header: dict[str, Any], payload: bytes | None,
-                     fds: Sequence[int]) -> bytes | dict[str, Any]:
+                     fds: Sequence[int]) -> Reply | dict[str, Any]:
         started = time.monotonic()
+        carry = bool(header.get("carry"))
         self.ctx.accepting = False
+        self.ctx.pausing.set()
         for listener in self.ctx.listeners:
-            listener.pause()
+            listener.pause(carry)
         if not header.get("wait", True):  # probation: in-flight connections just finish
             return {"quiesce_ms": 0.0}
         timeout = float(header.get("quiesce_timeout", 5.0))
         if not await self._wait_idle(timeout):
             busy = sum(listener.inflight for listener in self.ctx.listeners)
             raise Busy(f"{busy} connection(s) still in flight after {timeout:g}s")
-        if header.get("snapshot"):
-            return self._take_snapshot(header)
-        return {"quiesce_ms": (time.monotonic() - started) * 1000}
+        fields: dict[str, Any] = {"quiesce_ms": (time.monotonic() - started) * 1000}
+        data = self._take_snapshot(header) if header.get("snapshot") else None
+        if carry:  # after the snapshot: a snapshot that fails parks nothing more
+            self._drop_parked()
+            self._parked = [(listener.name, item) for listener in self.ctx.listeners
+                            for item in listener.parked()]
+            fields["parked"] = len(self._parked)
+        return Reply(fields, data)
 
     async def _resume(self, header: dict[str, Any], payload: bytes | None,
                       fds: Sequence[int]) -> None:
         if payload is not None:  # a newer state than its own (a checkpoint of a successor)
             await _maybe_await(self.bundle.restore(pickle.loads(payload)))
+        self._drop_parked()  # copies we did not give away; the connections stay ours
         self.ctx.accepting = True
-        for listener in self.ctx.listeners:
+        self.ctx.pausing.clear()
+        for listener in self.ctx.listeners:  # parked connections are served here again
             listener.resume()
+
+    async def _take_parked(self, header: dict[str, Any], payload: bytes | None,
+                           fds: Sequence[int]) -> Reply:
+        batch, self._parked = self._parked[:_CARRY_BATCH], self._parked[_CARRY_BATCH:]
+        manifest = [(name, item.kind, item.buffered, item.meta) for name, item in batch]
+        try:
+            data = pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # a hand_over() state that cannot be pickled
+            wire.close_fds([item.fd for _, item in batch])
+            raise SnapshotError(f"a carried connection's state cannot be pickled: "
+                                f"{type(exc).__name__}: {exc}") from None
+        return Reply({"count": len(batch)}, data, tuple(item.fd for _, item in batch))
+
+    async def _adopt(self, header: dict[str, Any], payload: bytes | None,
+                     fds: Sequence[int]) -> None:
+        # The manifest came from our predecessor (the same bundle), relayed by
+        # the supervisor over our channel, like a snapshot.
+        manifest = pickle.loads(payload) if payload is not None else []
+        if len(manifest) != len(fds):
+            raise ValueError(f"adopt: {len(manifest)} connection(s) described, {len(fds)} fds")
+        for (name, kind, buffered, meta), fd in zip(manifest, fds, strict=True):
+            self._adopted.append((name, Carried(kind, os.dup(fd), buffered, meta)))
+
+    async def _handed(self, header: dict[str, Any], payload: bytes | None,
+                      fds: Sequence[int]) -> None:
+        self._drop_parked()
+        for listener in self.ctx.listeners:
+            listener.release_parked()
+
+    def _take_up_adopted(self) -> None:
+        """Give each carried connection to the listener of its socket, once start() returned."""
+        adopted, self._adopted = self._adopted, []
+        for name, item in adopted:
+            listener = next((one for one in self.ctx.listeners if one.name == name), None)
+            if listener is None:
+                self.log.warning("a %s connection carried on socket %r was closed: this "
+                                 "generation serves nothing on that socket", item.kind, name)
+                wire.close_fds([item.fd])
+                continue
+            listener.adopt(item)
+
+    def _drop_parked(self) -> None:
+        wire.close_fds([item.fd for _, item in self._parked])
+        self._parked = []
 
     async def _snapshot(self, header: dict[str, Any], payload: bytes | None,
                         fds: Sequence[int]) -> bytes:
@@ -344,6 +409,7 @@ class Worker:
     async def _retire(self, header: dict[str, Any], payload: bytes | None,
                       fds: Sequence[int]) -> bytes | dict[str, Any]:
         self.ctx.accepting = False
+        self.ctx.pausing.set()
         for listener in self.ctx.listeners:
             listener.pause()
         timeout = float(header.get("drain_timeout", 30.0))
@@ -404,7 +470,11 @@ class Worker:
             self.done.set_result(P.EXIT_SUPERVISOR_GONE)
 
 
-_HOOKS = ("snapshot", "restore", "stop")
+_HOOKS = ("snapshot", "restore", "stop", "resume")
+
+#: Connections per ``parked`` reply: a message carries at most ``channel.MAX_FDS``
+#: fds, its payload's memfd among them.
+_CARRY_BATCH = wire.MAX_FDS - 1
 
 #: The most characters of a traceback (``detail``) and of an error in a reply
 #: header, which must stay within ``channel.MAX_HEADER``.
