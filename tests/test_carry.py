@@ -5,8 +5,11 @@ sockets through real swaps."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from harness import Hotsup, free_port
 
@@ -179,5 +182,24 @@ def test_the_old_generation_lets_go_of_a_carried_connection(
         client.sock.sendall(b"bye\n")
         client.sock.settimeout(2.0)
         assert client.file.readline() == b""
+    finally:
+        client.close()
+
+
+def test_the_demo_counter_keeps_its_client_through_an_edit(
+        hotsup: Callable[..., Hotsup]) -> None:
+    sup = hotsup()
+    demo = Path(__file__).resolve().parent.parent / "bundles" / "counter"
+    port = free_port()
+    shutil.copytree(demo, sup.bundles / "counter")
+    toml = sup.bundles / "counter" / "bundle.toml"
+    toml.write_text(re.sub(r'bind = "[^"]*"', f'bind = "127.0.0.1:{port}"', toml.read_text()))
+    sup.start_serving("counter")
+    client = Client(port)
+    try:
+        assert client.ask("incr").startswith("count=1 mine=1 generation=1 ")
+        toml.write_text(re.sub(r'greeting = "[^"]*"', 'greeting = "edited"', toml.read_text()))
+        sup.wait_log(r"counter@2: 1 connection\(s\) carried from counter@1")
+        assert client.ask("incr") == "count=2 mine=2 generation=2 greeting=edited"
     finally:
         client.close()
