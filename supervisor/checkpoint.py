@@ -71,8 +71,11 @@ import secrets
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from hotsup.worker.channel import Payload
 
 MAGIC = b"hotsupck"
 VERSION = 1
@@ -150,8 +153,11 @@ class CheckpointStore:
         _check_name(bundle)
         return self.directory / f"{bundle}{SUFFIX}"
 
-    def save(self, bundle: str, generation: int, payload: bytes) -> Saved:
+    def save(self, bundle: str, generation: int, payload: bytes | Payload) -> Saved:
         """Replace ``bundle``'s checkpoint with ``payload``, atomically and durably.
+
+        A ``Payload`` (a snapshot left in its memfd) is streamed through the
+        HMAC and into the file a chunk at a time, never read whole.
 
         Either the new checkpoint is in place and synced, or (on any error
         before the rename) the previous one is untouched and no temp file is
@@ -168,9 +174,8 @@ class CheckpointStore:
         name = bundle.encode()
         header = _HEADER.pack(MAGIC, VERSION, len(name), generation, len(payload),
                               time.time()) + name
-        mac = hmac.new(self._key, header, hashlib.sha256)
-        mac.update(payload)
-        size = _write_replace(target, (header, payload, mac.digest()))
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)  # over everything before it
+        size = _write_replace(target, (header, payload), mac)
         return Saved(target, size, time.perf_counter() - started)
 
     def load(self, bundle: str) -> Checkpoint | None:
@@ -396,27 +401,53 @@ def _temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
 
 
-def _write_new(path: Path, parts: tuple[bytes, ...]) -> int:
-    """Create ``path`` (0600, must not exist), write ``parts``, fsync. Its size."""
+#: How much of a streamed payload is read at a time.
+_CHUNK = 1 << 20
+
+
+def _write_new(path: Path, parts: tuple[bytes | Payload, ...],
+               mac: hmac.HMAC | None = None) -> int:
+    """Create ``path`` (0600, must not exist), write ``parts``, fsync. Its size.
+    With ``mac``: every part goes through it too, and its digest is written last."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
     try:
         written = 0
         for part in parts:
-            view = memoryview(part)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                written += n
+            for chunk in _chunks(part):
+                if mac is not None:
+                    mac.update(chunk)
+                written += _write_all(fd, chunk)
+        if mac is not None:
+            written += _write_all(fd, mac.digest())
         os.fsync(fd)
         return written
     finally:
         os.close(fd)
 
 
-def _write_replace(target: Path, parts: tuple[bytes, ...]) -> int:
+def _chunks(part: bytes | Payload) -> Iterator[bytes]:
+    if not isinstance(part, Payload):
+        yield part
+        return
+    for offset in range(0, part.size, _CHUNK):
+        chunk = os.pread(part.fd, min(_CHUNK, part.size - offset), offset)
+        if not chunk:
+            raise OSError(errno.EIO, "the snapshot's memfd ended early")
+        yield chunk
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
+
+
+def _write_replace(target: Path, parts: tuple[bytes | Payload, ...],
+                   mac: hmac.HMAC | None = None) -> int:
     temp = _temp_path(target)
     try:
-        size = _write_new(temp, parts)
+        size = _write_new(temp, parts, mac)
         os.rename(temp, target)
     except OSError as exc:
         _unlink_quietly(temp)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from hotsup.worker import channel, protocol
 
 from .config import BundleSpec
-from .process import WorkerError, WorkerReply
+from .process import Data, WorkerError, WorkerReply
 
 log = logging.getLogger("hotsup")
 
@@ -62,6 +62,10 @@ MOVES: dict[GenState, frozenset[GenState]] = {
 
 #: The states of a generation that is still a process worth keeping.
 LIVE = frozenset({_S.SPAWNING, _S.LOADED, _S.READY, _S.PAUSED, _S.HELD, _S.RETIRING})
+
+
+#: A snapshot as the supervisor relays and keeps it (``process.Data``).
+State = Data
 
 
 class IllegalMove(RuntimeError):
@@ -94,9 +98,9 @@ class Worker(Protocol):
     def log_dropped(self) -> int: ...  # log lines dropped for flooding
 
     async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
-    async def call(self, op: str, timeout: float, payload: bytes | None = None,
-                   **fields: Any) -> tuple[dict[str, Any], bytes | None]: ...
-    async def request(self, op: str, timeout: float, payload: bytes | None = None,
+    async def call(self, op: str, timeout: float, payload: State | None = None,
+                   **fields: Any) -> tuple[dict[str, Any], State | None]: ...
+    async def request(self, op: str, timeout: float, payload: State | None = None,
                       fds: Sequence[int] = (), **fields: Any) -> WorkerReply: ...
     def kill(self) -> None: ...
     async def wait_exit(self, timeout: float) -> bool: ...
@@ -130,8 +134,8 @@ class Handover:
     supervisor's copies: ``close()`` once the successor has its own (or the
     swap rolled back, and the old generation serves them again)."""
 
-    snapshot: bytes
-    batches: list[tuple[bytes | None, tuple[int, ...]]] = field(default_factory=list)
+    snapshot: State
+    batches: list[tuple[State | None, tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def connections(self) -> int:
@@ -186,7 +190,7 @@ class Generation:
         self.hooks = Hooks.of(loaded)
         self.move(GenState.LOADED)
 
-    async def begin(self, snapshot: bytes | None, carried: Handover | None = None) -> None:
+    async def begin(self, snapshot: State | None, carried: Handover | None = None) -> None:
         """LOADED -> READY: restore(snapshot) if any, then start(), then take up
         the ``carried`` connections.
 
@@ -242,7 +246,7 @@ class Generation:
             self.log.warning("%s: could not release the connections it handed over: %s",
                              self.tag, exc)
 
-    async def resume(self, state: bytes | None = None) -> bool:
+    async def resume(self, state: State | None = None) -> bool:
         """PAUSED or HELD -> READY (restoring ``state`` first, if given). False if
         it could not: it is killed, and its exit brings the runner's restart."""
         timing = self.spec.timing
@@ -272,7 +276,7 @@ class Generation:
         self.move(GenState.HELD)
         return True
 
-    async def snapshot(self) -> bytes | None:
+    async def snapshot(self) -> State | None:
         """The state of a READY generation, without pausing it (a checkpoint);
         None, logged, if it could not be taken."""
         timing = self.spec.timing
@@ -296,7 +300,7 @@ class Generation:
                     f"and was killed")
         return None
 
-    async def retire(self, keep: bool) -> bytes | None:
+    async def retire(self, keep: bool) -> State | None:
         """Ask (retire: drain, stop(), exit), wait until the deadline, kill, reap.
 
         Runs in a task of its own once the runner moved it to RETIRING; it
@@ -305,7 +309,7 @@ class Generation:
         """
         timing = self.spec.timing
         drain = timing.drain_timeout
-        state: bytes | None = None
+        state: State | None = None
         try:
             _, state = await self.process.call(protocol.OP_RETIRE, drain + self._grace,
                                                drain_timeout=drain, snapshot=keep,

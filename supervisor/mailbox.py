@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import BundleSource
-    from .generation import Generation
+    from .generation import Generation, State
 
 Waiter = asyncio.Future[dict[str, Any]]
 
@@ -123,7 +123,7 @@ class Retired(Event):
     """A generation's retirement is over; ``state`` its final snapshot, if kept."""
 
     gen: Generation
-    state: bytes | None
+    state: State | None
 
 
 class Mailbox:

@@ -45,13 +45,19 @@ class WorkerError(Exception):
         self.kind = kind  # the worker's exception type, when it answered with one
 
 
+#: A payload as the supervisor holds it: bytes, or (over ``channel.KEEP_OVER``)
+#: left in the memfd it came in, so relaying and keeping a snapshot costs
+#: the supervisor no memory of its own.
+Data = bytes | wire.Payload
+
+
 @dataclass(frozen=True)
 class WorkerReply:
     """A worker's answer to ``WorkerProcess.request``. The caller owns ``fds``
     (connections, a memfd, ...): it must close each one it does not keep."""
 
     header: dict[str, Any]
-    payload: bytes | None
+    payload: Data | None
     fds: tuple[int, ...]
 
 
@@ -102,7 +108,8 @@ class WorkerProcess:
         # Both ends close-on-exec: ours never reaches a process we run, theirs
         # reaches the worker only through SCM_RIGHTS.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._channel = wire.Channel(ours, self._on_message, self._drops)
+        self._channel = wire.Channel(ours, self._on_message, self._drops,
+                                     keep_over=wire.KEEP_OVER)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             self._log = WorkerLog(read_fd, self.spec.name, self.generation, self._sink)
@@ -125,15 +132,15 @@ class WorkerProcess:
         """Log lines of this worker dropped by the rate limit (``hotsup.supervisor.logs``)."""
         return self._log.dropped if self._log is not None else 0
 
-    async def call(self, op: str, timeout: float, payload: bytes | None = None,
-                   **fields: Any) -> tuple[dict[str, Any], bytes | None]:
+    async def call(self, op: str, timeout: float, payload: Data | None = None,
+                   **fields: Any) -> tuple[dict[str, Any], Data | None]:
         """Send a request and wait for its reply; WorkerError on error, exit or timeout.
         Any fds the reply carries are closed."""
         reply = await self.request(op, timeout, payload, **fields)
         wire.close_fds(reply.fds)
         return reply.header, reply.payload
 
-    async def request(self, op: str, timeout: float, payload: bytes | None = None,
+    async def request(self, op: str, timeout: float, payload: Data | None = None,
                       fds: Sequence[int] = (), **fields: Any) -> WorkerReply:
         """Send a request with ``fds`` (which stay the caller's: the worker gets
         duplicates) and wait for its reply; WorkerError on error, exit or

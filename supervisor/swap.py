@@ -49,7 +49,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import BundleSource, BundleSpec, Config, ConfigError, load_bundle
-from .generation import LIVE, Generation, GenState, Handover, SwapAborted, Worker
+from .generation import LIVE, Generation, GenState, Handover, State, SwapAborted, Worker
 from .generation import Spawner as Spawner
 from .intensity import GiveUp, RestartIntensity
 from .mailbox import (
@@ -115,7 +115,7 @@ class Kept:
     """The newest state the runner holds, and the generation it was taken of."""
 
     generation: int
-    data: bytes
+    data: State
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class BundleRunner:
         self._mailbox = Mailbox()
         self._timers = Timers(self._mailbox)
         self._task: asyncio.Task[None] | None = None
-        self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
+        self._retiring: dict[asyncio.Task[State | None], Generation] = {}
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -406,7 +406,7 @@ class BundleRunner:
         for task, done in zip(retiring, await asyncio.shield(
                 asyncio.gather(*retiring, return_exceptions=True)), strict=True):
             await self._on_retired(Retired(retiring[task],
-                                           done if isinstance(done, bytes) else None))
+                                           None if isinstance(done, BaseException) else done))
         self._release_sockets()
         self.log.info("%s: stopped", self.name)
         return Outcome(Result.STOPPED, f"{gen.tag} retired" if gen else "nothing was running")
@@ -552,7 +552,7 @@ class BundleRunner:
         except SwapAborted as exc:
             return self._crashed(str(exc), spec) if restarting \
                 else self._record_error(str(exc), Result.FAILED)
-        given: bytes | None = None
+        given: State | None = None
         try:
             await new.load()
             given = self._kept.data if self._kept is not None and new.hooks.restore else None
@@ -585,7 +585,7 @@ class BundleRunner:
             return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
                                       Result.ROLLED_BACK)
         paused_at: float | None = None
-        snapshot: bytes | None = None
+        snapshot: State | None = None
         handover: Handover | None = None
         try:
             await new.load()
@@ -758,14 +758,14 @@ class BundleRunner:
     def _held(self) -> Generation | None:
         return next((gen for gen in self._gens.values() if gen.state is _S.HELD), None)
 
-    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[bytes | None]:
+    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[State | None]:
         """Retire ``gen`` in a task of its own; its end comes as a ``Retired`` event
         (close() waits for every one)."""
         gen.move(_S.RETIRING)
         task = asyncio.ensure_future(gen.retire(keep))
         self._retiring[task] = gen
 
-        def done(task: asyncio.Task[bytes | None]) -> None:
+        def done(task: asyncio.Task[State | None]) -> None:
             del self._retiring[task]
             state = None if task.cancelled() or task.exception() else task.result()
             self._mailbox.put(Retired(gen, state))
@@ -785,7 +785,7 @@ class BundleRunner:
 
     # -- state kept --------------------------------------------------------------------
 
-    async def _keep(self, data: bytes, gen: Generation) -> None:
+    async def _keep(self, data: State, gen: Generation) -> None:
         """The newest state, in memory and (atomically) on disk."""
         self._kept = Kept(gen.number, data)
         await self._write(self._kept)

@@ -190,3 +190,67 @@ def test_request_lends_fds_and_hands_over_the_replys(
     assert os.read(r, 2) == b"L!"
     os.close(r)
     os.close(w)
+
+
+def test_a_large_payload_is_relayed_without_a_copy(pair: tuple[socket.socket, socket.socket]
+                                                   ) -> None:
+    """Over ``keep_over`` a payload stays in its memfd: relaying it on sends the
+    same memfd (the same inode), so no process in between holds its bytes."""
+    a, b = pair
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    data = os.urandom(wire.KEEP_OVER + 1)
+    inodes: list[int] = []
+    seen: list[bytes] = []
+    sending: list[asyncio.Future[None]] = []
+
+    async def main() -> None:
+        relayed = asyncio.get_running_loop().create_future()
+        drops = wire.RateLimitedLog(logging.getLogger())
+        first = wire.Channel(a, lambda m: None, drops)
+        relay: wire.Channel
+
+        def on_middle(message: wire.Message) -> None:
+            assert isinstance(message.payload, wire.Payload)
+            inodes.append(os.fstat(message.payload.fd).st_ino)
+            sending.append(asyncio.ensure_future(relay.send({"op": "relay"}, message.payload)))
+
+        def on_last(message: wire.Message) -> None:
+            assert isinstance(message.payload, wire.Payload)
+            inodes.append(os.fstat(message.payload.fd).st_ino)
+            with message.payload.view() as view:
+                seen.append(bytes(view))
+            relayed.set_result(None)
+
+        wire.Channel(b, on_middle, drops, keep_over=wire.KEEP_OVER)
+        relay = wire.Channel(c, lambda m: None, drops)
+        wire.Channel(d, on_last, drops, keep_over=wire.KEEP_OVER)
+        await first.send({"op": "state"}, data)
+        await asyncio.wait_for(relayed, 5)
+
+    try:
+        _run(main())
+    finally:
+        c.close()
+        d.close()
+    assert seen == [data]
+    assert inodes[0] == inodes[1]
+
+
+def test_a_small_payload_is_read_and_its_memfd_closed(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    got: list[wire.Message] = []
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+        drops = wire.RateLimitedLog(logging.getLogger())
+        sender = wire.Channel(a, lambda m: None, drops)
+        before = len(os.listdir("/proc/self/fd"))
+        wire.Channel(b, lambda m: (got.append(m), done.set_result(None)), drops,
+                     keep_over=wire.KEEP_OVER)
+        await sender.send({"op": "state"}, b"small")
+        await asyncio.wait_for(done, 5)
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    _run(main())
+    assert got[0].payload == b"small"

@@ -42,10 +42,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import mmap
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -56,6 +57,10 @@ MAX_HEADER: Final = 64 * 1024
 
 #: The most fds one message may carry (its payload's memfd included).
 MAX_FDS: Final = 64
+
+#: Payloads larger than this are received as a ``Payload`` (left in their memfd)
+#: by a channel that asks for it: the supervisor's, and a worker's.
+KEEP_OVER: Final = 256 * 1024
 
 #: The seals a payload memfd must carry: its bytes can no longer change.
 _SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
@@ -71,7 +76,7 @@ class Message:
     """One message received: the receiver owns ``fds`` and must close them."""
 
     header: dict[str, Any]
-    payload: bytes | None
+    payload: bytes | Payload | None  # a Payload: over the channel's keep_over
     fds: tuple[int, ...]
 
 
@@ -111,7 +116,7 @@ def close_fds(fds: Sequence[int]) -> None:
 
 def make_payload(data: bytes) -> int:
     """A sealed memfd holding ``data``; the caller owns (and closes) it."""
-    fd = os.memfd_create("hotsup-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = new_memfd()
     try:
         view = memoryview(data)
         while view:
@@ -123,20 +128,56 @@ def make_payload(data: bytes) -> int:
     return fd
 
 
-def read_payload(fd: int, size: int, limit: int) -> bytes:
-    """The bytes of a payload memfd, after checking it is one, is sealed, has
-    the announced ``size`` and is within ``limit``; ProtocolError if not."""
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        raise P.ProtocolError("the payload is not a memfd") from None
-    if seals & _SEALS != _SEALS:
-        raise P.ProtocolError("the payload memfd is not sealed")
-    actual = os.fstat(fd).st_size
-    if actual != size:
-        raise P.ProtocolError(f"the payload is {actual} bytes, the header says {size}")
-    if size > limit:
-        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}")
+class Payload:
+    """A payload left in its sealed memfd, unread: how a snapshot travels from
+    generation N through the supervisor to N+1 (and into a checkpoint)
+    without anyone but N and N+1 holding its bytes in their own memory. A
+    received memfd's pages are shared, not the receiver's: the supervisor's
+    RSS does not grow by what it relays or keeps this way.
+
+    Immutable (the seals), so it may be shared freely: sending it attaches the
+    same fd, never a copy. The fd is closed by ``close()``, or when the last
+    reference goes (CPython's reference counting makes that deterministic).
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"<Payload fd={self.fd} {self.size} bytes>"
+
+    def read(self) -> bytes:
+        """Its bytes, copied into this process's memory."""
+        return _pread_all(self.fd, self.size)
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[memoryview]:
+        """Its bytes, mapped read-only (no copy), for the ``with`` block only."""
+        if not self.size:
+            yield memoryview(b"")
+            return
+        mapped = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+        try:
+            with memoryview(mapped) as view:
+                yield view
+        finally:
+            mapped.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _pread_all(fd: int, size: int) -> bytes:
     chunks: list[bytes] = []
     offset = 0
     while offset < size:
@@ -148,10 +189,42 @@ def read_payload(fd: int, size: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def pack(header: dict[str, Any], payload: bytes | None = None,
+def payload_bytes(payload: bytes | Payload) -> bytes:
+    return payload.read() if isinstance(payload, Payload) else payload
+
+
+def sealed_payload(fd: int) -> Payload:
+    """Seal a memfd the caller wrote (``new_memfd``) and own it as a Payload."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+    return Payload(fd, os.fstat(fd).st_size)
+
+
+def new_memfd() -> int:
+    """A fresh, sealable memfd to write a payload into (``sealed_payload``)."""
+    return os.memfd_create("hotsup-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def check_payload(fd: int, size: int, limit: int) -> None:
+    """Check that ``fd`` is a sealed memfd of the announced ``size``, within
+    ``limit``; ProtocolError if not."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise P.ProtocolError("the payload is not a memfd") from None
+    if seals & _SEALS != _SEALS:
+        raise P.ProtocolError("the payload memfd is not sealed")
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise P.ProtocolError(f"the payload is {actual} bytes, the header says {size}")
+    if size > limit:
+        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}")
+
+
+def pack(header: dict[str, Any], payload: bytes | Payload | None = None,
          fds: Sequence[int] = ()) -> tuple[bytes, list[int], int]:
     """The packet for one message: ``(data, fds to attach, memfd or -1)``.
-    The memfd (if any) is the caller's to close once the packet is sent."""
+    The memfd made for bytes (if any) is the caller's to close once the packet
+    is sent; a ``Payload`` goes as its own fd (the kernel passes a duplicate)."""
     if len(fds) + (payload is not None) > MAX_FDS:
         raise P.ProtocolError(f"a message carries at most {MAX_FDS} fds")
     fields = dict(header)
@@ -166,15 +239,18 @@ def pack(header: dict[str, Any], payload: bytes | None = None,
     data = P.encode(fields)[0]
     if len(data) > MAX_HEADER:
         raise P.ProtocolError(f"a header of {len(data)} bytes is over the limit of {MAX_HEADER}")
+    if isinstance(payload, Payload):
+        return data, [payload.fd, *fds], -1
     if payload is not None:
         memfd = make_payload(payload)
     return data, ([memfd] if memfd >= 0 else []) + list(fds), memfd
 
 
 def unpack(data: bytes, fds: list[int], flags: int,
-           limit: int = P.MAX_WORKER_MESSAGE) -> Message:
+           limit: int = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> Message:
     """The message in one received packet. ProtocolError if it is malformed;
-    then the caller still owns ``fds`` (and closes them)."""
+    then the caller still owns ``fds`` (and closes them). A payload larger
+    than ``keep_over`` stays in its memfd (a ``Payload``), unread."""
     if flags & socket.MSG_TRUNC:
         raise P.ProtocolError(f"a header over {MAX_HEADER} bytes")
     if flags & socket.MSG_CTRUNC:
@@ -187,10 +263,14 @@ def unpack(data: bytes, fds: list[int], flags: int,
         raise P.ProtocolError(f"the header announces {nfds} fd(s)"
                               f"{' and a payload' if size is not None else ''}, "
                               f"{len(fds)} came")
-    payload = None
+    payload: bytes | Payload | None = None
     if size is not None:
-        payload = read_payload(fds[0], size, limit)
-        os.close(fds[0])
+        check_payload(fds[0], size, limit)
+        if keep_over is not None and size > keep_over:
+            payload = Payload(fds[0], size)  # nothing can fail after this: it owns the fd
+        else:
+            payload = _pread_all(fds[0], size)
+            os.close(fds[0])
         fds = fds[1:]
     return Message(header, payload, tuple(fds))
 
@@ -238,20 +318,21 @@ class Channel:
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
                  drops: RateLimitedLog, on_closed: Callable[[], None] | None = None,
-                 limit: int = P.MAX_WORKER_MESSAGE) -> None:
+                 limit: int = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._on_message = on_message
         self._on_closed = on_closed
         self._drops = drops
         self._limit = limit
+        self._keep_over = keep_over
         self._loop = asyncio.get_running_loop()
         self._sending = asyncio.Lock()
         self._writable: asyncio.Future[None] | None = None
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
-    async def send(self, header: dict[str, Any], payload: bytes | None = None,
+    async def send(self, header: dict[str, Any], payload: bytes | Payload | None = None,
                    fds: Sequence[int] = ()) -> None:
         """Send one message. ``fds`` stay the caller's (the kernel passes
         duplicates). ConnectionError if the peer is gone; ProtocolError if
@@ -297,7 +378,7 @@ class Channel:
                 self.close()
                 return
             try:
-                message = unpack(data, fds, flags, self._limit)
+                message = unpack(data, fds, flags, self._limit, self._keep_over)
             except P.ProtocolError as exc:
                 close_fds(fds)
                 self._drops.warning("dropped a malformed message: %s", exc)
@@ -335,7 +416,7 @@ def encode_spec(spec: P.SpawnSpec) -> bytes:
 
 def decode_spec(message: Message) -> P.SpawnSpec:
     """The spec in a worker's first message; ProtocolError if it is not one."""
-    if message.header["op"] != P.OP_SPEC or message.payload is None:
+    if message.header["op"] != P.OP_SPEC or not isinstance(message.payload, bytes):
         raise P.ProtocolError(f"expected a {P.OP_SPEC!r} message first, got "
                               f"{message.header['op']!r}")
     try:

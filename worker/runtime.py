@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import inspect
 import json
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import uvloop
 from . import asgi, importer, wsgi
 from . import channel as wire
 from . import protocol as P
+from .channel import Payload
 from .context import BundleContext
 from .listener import Carried
 
@@ -165,8 +167,8 @@ class Worker:
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._loaded = asyncio.Event()  # requests wait for the bundle to exist
         self._tasks: set[asyncio.Task[None]] = set()
-        self._chan = wire.Channel(channel, self._on_message,
-                                  wire.RateLimitedLog(log), on_closed=self._on_channel_closed)
+        self._chan = wire.Channel(channel, self._on_message, wire.RateLimitedLog(log),
+                                  on_closed=self._on_channel_closed, keep_over=wire.KEEP_OVER)
         self._handlers: dict[str, Handler] = {
             P.OP_START: self._start,
             P.OP_PAUSE: self._pause,
@@ -289,10 +291,14 @@ class Worker:
             await self._send(reply, result.payload, result.fds)
         finally:
             wire.close_fds(result.fds)  # given away with the reply
+            if isinstance(result.payload, Payload):
+                result.payload.close()  # the supervisor has its own duplicate
+            if isinstance(message.payload, Payload):
+                message.payload.close()  # read by now: its pages go
         if header["op"] == P.OP_RETIRE and not self.done.done():
             self.done.set_result(P.EXIT_OK)
 
-    async def _send(self, header: dict[str, Any], payload: bytes | None = None,
+    async def _send(self, header: dict[str, Any], payload: Payload | bytes | None = None,
                     fds: Sequence[int] = ()) -> None:
         # A traceback can be longer than a header may be: keep its end.
         for key, room in (("detail", _MAX_DETAIL), ("error", _MAX_ERROR)):
@@ -305,13 +311,13 @@ class Worker:
 
     # -- requests -------------------------------------------------------------
 
-    async def _start(self, header: dict[str, Any], payload: bytes | None,
+    async def _start(self, header: dict[str, Any], payload: Payload | bytes | None,
                      fds: Sequence[int]) -> dict[str, Any]:
         if payload is not None:
             # The snapshot came from the previous generation of this same
             # bundle (or its checkpoint), relayed by the supervisor over the
             # channel it handed us at fork: nobody else holds its other end.
-            state = pickle.loads(payload)
+            state = _unpickle(payload)
             await _maybe_await(self.bundle.restore(state))
         resume = getattr(self.bundle, "resume", None)
         self.ctx.resume_hook = resume if callable(resume) else None
@@ -325,7 +331,7 @@ class Worker:
                              "cannot pause this bundle, so a swap may drop its connections")
         return {"listeners": len(self.ctx.listeners)}
 
-    async def _pause(self, header: dict[str, Any], payload: bytes | None,
+    async def _pause(self, header: dict[str, Any], payload: Payload | bytes | None,
                      fds: Sequence[int]) -> Reply | dict[str, Any]:
         started = time.monotonic()
         carry = bool(header.get("carry"))
@@ -348,17 +354,17 @@ class Worker:
             fields["parked"] = len(self._parked)
         return Reply(fields, data)
 
-    async def _resume(self, header: dict[str, Any], payload: bytes | None,
+    async def _resume(self, header: dict[str, Any], payload: Payload | bytes | None,
                       fds: Sequence[int]) -> None:
         if payload is not None:  # a newer state than its own (a checkpoint of a successor)
-            await _maybe_await(self.bundle.restore(pickle.loads(payload)))
+            await _maybe_await(self.bundle.restore(_unpickle(payload)))
         self._drop_parked()  # copies we did not give away; the connections stay ours
         self.ctx.accepting = True
         self.ctx.pausing.clear()
         for listener in self.ctx.listeners:  # parked connections are served here again
             listener.resume()
 
-    async def _take_parked(self, header: dict[str, Any], payload: bytes | None,
+    async def _take_parked(self, header: dict[str, Any], payload: Payload | bytes | None,
                            fds: Sequence[int]) -> Reply:
         batch, self._parked = self._parked[:_CARRY_BATCH], self._parked[_CARRY_BATCH:]
         manifest = [(name, item.kind, item.buffered, item.meta) for name, item in batch]
@@ -370,17 +376,17 @@ class Worker:
                                 f"{type(exc).__name__}: {exc}") from None
         return Reply({"count": len(batch)}, data, tuple(item.fd for _, item in batch))
 
-    async def _adopt(self, header: dict[str, Any], payload: bytes | None,
+    async def _adopt(self, header: dict[str, Any], payload: Payload | bytes | None,
                      fds: Sequence[int]) -> None:
         # The manifest came from our predecessor (the same bundle), relayed by
         # the supervisor over our channel, like a snapshot.
-        manifest = pickle.loads(payload) if payload is not None else []
+        manifest = _unpickle(payload) if payload is not None else []
         if len(manifest) != len(fds):
             raise ValueError(f"adopt: {len(manifest)} connection(s) described, {len(fds)} fds")
         for (name, kind, buffered, meta), fd in zip(manifest, fds, strict=True):
             self._adopted.append((name, Carried(kind, os.dup(fd), buffered, meta)))
 
-    async def _handed(self, header: dict[str, Any], payload: bytes | None,
+    async def _handed(self, header: dict[str, Any], payload: Payload | bytes | None,
                       fds: Sequence[int]) -> None:
         self._drop_parked()
         for listener in self.ctx.listeners:
@@ -402,12 +408,12 @@ class Worker:
         wire.close_fds([item.fd for _, item in self._parked])
         self._parked = []
 
-    async def _snapshot(self, header: dict[str, Any], payload: bytes | None,
-                        fds: Sequence[int]) -> bytes:
+    async def _snapshot(self, header: dict[str, Any], payload: Payload | bytes | None,
+                        fds: Sequence[int]) -> Payload:
         return self._take_snapshot(header)
 
-    async def _retire(self, header: dict[str, Any], payload: bytes | None,
-                      fds: Sequence[int]) -> bytes | dict[str, Any]:
+    async def _retire(self, header: dict[str, Any], payload: Payload | bytes | None,
+                      fds: Sequence[int]) -> Payload | dict[str, Any]:
         self.ctx.accepting = False
         self.ctx.pausing.set()
         for listener in self.ctx.listeners:
@@ -418,7 +424,7 @@ class Worker:
             for listener in self.ctx.listeners:
                 cut += await listener.cancel_inflight()
             self.log.warning("drain_timeout (%gs) passed: cut %d connection(s)", timeout, cut)
-        state: bytes | None = None
+        state: Payload | None = None
         if header.get("snapshot"):  # the final state, once nothing can change it any more
             try:
                 state = self._take_snapshot(header)
@@ -431,24 +437,33 @@ class Worker:
             listener.close()
         return state if state is not None else {"cut": cut}
 
-    async def _ping(self, header: dict[str, Any], payload: bytes | None,
+    async def _ping(self, header: dict[str, Any], payload: Payload | bytes | None,
                     fds: Sequence[int]) -> dict[str, Any]:
         return {"pong": time.time()}
 
     # -- helpers --------------------------------------------------------------
 
-    def _take_snapshot(self, header: dict[str, Any]) -> bytes:
+    def _take_snapshot(self, header: dict[str, Any]) -> Payload:
+        """The bundle's state, pickled straight into a sealed memfd (no copy of
+        it in this process's memory), which goes to the supervisor as is."""
         snapshot = getattr(self.bundle, "snapshot", None)
         if not callable(snapshot):
             raise RuntimeError("this bundle has no snapshot() hook")
         state = snapshot()
+        fd = wire.new_memfd()
         try:
-            data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+            with open(fd, "wb", buffering=_PICKLE_BUFFER, closefd=False) as out, _no_gc():
+                pickle.dump(state, out, protocol=pickle.HIGHEST_PROTOCOL)
+            data = wire.sealed_payload(fd)
         except Exception as exc:  # PicklingError, TypeError, AttributeError, RecursionError
+            os.close(fd)
+            if isinstance(exc, OSError):  # ENOMEM and the like: not the state's fault
+                raise SnapshotError(f"snapshot() could not be written: {exc}") from None
             raise SnapshotError(f"snapshot() returned a {type(state).__name__} that cannot be "
                                 f"pickled: {type(exc).__name__}: {exc}") from None
         limit = int(header.get("max_bytes", 0))
         if limit and len(data) > limit:
+            data.close()
             raise SnapshotError(f"snapshot() is {len(data)} bytes pickled, more than "
                                 f"max_snapshot_bytes ({limit})")
         return data
@@ -488,12 +503,12 @@ class Reply:
     ``payload`` is its payload, ``fds`` are sent with it and then closed."""
 
     fields: dict[str, Any] = field(default_factory=dict)
-    payload: bytes | None = None
+    payload: Payload | bytes | None = None
     fds: tuple[int, ...] = ()
 
 
 #: A request handler: ``(header, payload, fds) -> awaitable result`` (module docstring).
-Handler = Callable[[dict[str, Any], bytes | None, Sequence[int]], Any]
+Handler = Callable[[dict[str, Any], Payload | bytes | None, Sequence[int]], Any]
 
 
 def _as_reply(result: Any) -> Reply:
@@ -502,7 +517,7 @@ def _as_reply(result: Any) -> Reply:
         return result
     if isinstance(result, tuple):
         result, fds = result[0], tuple(result[1])
-    if isinstance(result, bytes):
+    if isinstance(result, (bytes, Payload)):
         return Reply(payload=result, fds=fds)
     if isinstance(result, dict):
         return Reply(fields=result, fds=fds)
@@ -515,6 +530,34 @@ class Busy(TimeoutError):
 
 class SnapshotError(ValueError):
     """A snapshot that cannot be handed over: not picklable, or too large."""
+
+
+#: The write buffer of a snapshot's pickling into its memfd.
+_PICKLE_BUFFER = 1 << 20
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic GC off for a (un)pickling: building a large state creates
+    millions of objects, each allocation counting towards a collection that
+    scans them all again, and none of them is garbage yet."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _unpickle(payload: Payload | bytes) -> Any:
+    """A state (or a manifest) from our predecessor, relayed by the supervisor
+    over the channel it handed us at fork: read from its memfd, not copied."""
+    if isinstance(payload, bytes):
+        with _no_gc():
+            return pickle.loads(payload)
+    with payload.view() as view, _no_gc():
+        return pickle.loads(view)
 
 
 async def _maybe_await(value: Any) -> Any:
