@@ -64,6 +64,10 @@ MOVES: dict[GenState, frozenset[GenState]] = {
 LIVE = frozenset({_S.SPAWNING, _S.LOADED, _S.READY, _S.PAUSED, _S.HELD, _S.RETIRING})
 
 
+#: Seconds an overlap-mode generation letting go of its connections waits for
+#: its handlers to park them (``ctx.hand_over``); what is busy then stays.
+_SETTLE = 0.1
+
 #: A snapshot as the supervisor relays and keeps it (``process.Data``).
 State = Data
 
@@ -128,13 +132,14 @@ class Hooks:
 
 @dataclass
 class Handover:
-    """What a paused generation hands its successor: its snapshot, and the
+    """What a paused generation hands its successor: its snapshot (none in
+    overlap mode), and the
     connections it parked, in batches as the worker gave them (a pickled
     manifest, opaque here, and one fd per connection). The fds are the
     supervisor's copies: ``close()`` once the successor has its own (or the
     swap rolled back, and the old generation serves them again)."""
 
-    snapshot: State
+    snapshot: State | None
     batches: list[tuple[State | None, tuple[int, ...]]] = field(default_factory=list)
 
     @property
@@ -199,13 +204,28 @@ class Generation:
         ones are duplicates: their originals stay with the old generation).
         """
         try:
-            for manifest, fds in carried.batches if carried is not None else ():
-                reply = await self.process.request(protocol.OP_ADOPT, self._grace, manifest, fds)
-                channel.close_fds(reply.fds)
+            if carried is not None:
+                await self._adopt(carried)
             await self.process.call(protocol.OP_START, self.spec.timing.start_timeout, snapshot)
         except WorkerError as exc:
             raise SwapAborted(str(exc)) from None
         self.move(GenState.READY)
+
+    async def take_over(self, carried: Handover) -> bool:
+        """A READY generation takes up the connections its predecessor let go
+        (overlap mode). False, logged, if it could not."""
+        try:
+            await self._adopt(carried)
+        except WorkerError as exc:
+            self.log.warning("%s: could not take over %d connection(s): %s", self.tag,
+                             carried.connections, exc)
+            return False
+        return True
+
+    async def _adopt(self, carried: Handover) -> None:
+        for manifest, fds in carried.batches:
+            reply = await self.process.request(protocol.OP_ADOPT, self._grace, manifest, fds)
+            channel.close_fds(reply.fds)
 
     async def pause(self) -> Handover:
         """READY -> PAUSED: stop accepting, let in-flight connections finish or
@@ -223,17 +243,39 @@ class Generation:
         channel.close_fds(reply.fds)
         if reply.payload is None:
             raise SwapAborted(f"{self.tag} sent no snapshot")
-        handover = Handover(reply.payload)
-        parked = int(reply.header.get("parked", 0))
+        try:
+            return await self._collect(Handover(reply.payload), reply.header)
+        except WorkerError as exc:
+            raise SwapAborted(f"{self.tag} could not hand over its connections: {exc}") from None
+
+    async def let_go(self) -> Handover | None:
+        """READY -> PAUSED, in overlap mode once the successor serves: stop
+        accepting and park the connections that are idle right now, for the
+        successor to take over; the rest finish here. None, logged, if the
+        worker could not (it then drains as it would have)."""
+        self.move(GenState.PAUSED)
+        try:
+            reply = await self.process.request(protocol.OP_PAUSE, self._grace, wait=False,
+                                               carry=True, settle=_SETTLE)
+            channel.close_fds(reply.fds)
+            return await self._collect(Handover(None), reply.header)
+        except WorkerError as exc:
+            self.log.warning("%s: could not let its idle connections go: %s", self.tag, exc)
+            return None
+
+    async def _collect(self, handover: Handover, header: dict[str, Any]) -> Handover:
+        """Fetch the connections a pause parked (``header["parked"]``) into
+        ``handover``; WorkerError (and nothing held) if the worker fails."""
+        parked = int(header.get("parked", 0))
         try:
             while handover.connections < parked:
                 batch = await self.process.request(protocol.OP_PARKED, self._grace)
                 handover.batches.append((batch.payload, batch.fds))
                 if not batch.fds:
                     break  # it has no more to give than it said: carry what came
-        except WorkerError as exc:
+        except BaseException:
             handover.close()
-            raise SwapAborted(f"{self.tag} could not hand over its connections: {exc}") from None
+            raise
         return handover
 
     async def handed(self) -> None:

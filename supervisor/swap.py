@@ -619,12 +619,7 @@ class BundleRunner:
             return self._record_error(f"swap to {new.tag} rolled back: {exc}; {old.tag} could "
                                       f"not resume and is restarted", Result.ROLLED_BACK)
         ready_at = time.monotonic()
-        if handover is not None:
-            carried = handover.connections
-            handover.close()  # the successor holds its own copies now
-            if carried:
-                await old.handed()
-                self.log.info("%s: %d connection(s) carried from %s", new.tag, carried, old.tag)
+        await self._carried(old, new, handover)
         self._make_current(new, spec)
         self.last_error = None
         self._busy_retries = 0
@@ -642,6 +637,24 @@ class BundleRunner:
             await self._keep(snapshot, old)
         return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
                                        f"{self.last_pause_ms:.1f} ms)")
+
+    async def _carried(self, old: Generation, new: Generation,
+                       handover: Handover | None) -> None:
+        """``new`` serves: the connections ``old`` parked are its now (a
+        hand-over's), or (overlap mode) ``old`` lets its idle ones go to it."""
+        if handover is None and old.state is _S.READY:
+            handover = await old.let_go()
+            if handover is not None and handover.connections and \
+                    not await new.take_over(handover):
+                handover.close()
+                return  # they stay parked with the old one until its drain ends
+        if handover is None:
+            return
+        carried = handover.connections
+        handover.close()  # the successor holds its own copies now
+        if carried:
+            await old.handed()
+            self.log.info("%s: %d connection(s) carried from %s", new.tag, carried, old.tag)
 
     async def _recover(self, crashed: Generation) -> Outcome:
         """The serving generation died: the held one serves again if there is

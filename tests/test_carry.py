@@ -81,13 +81,17 @@ class Chat:
 '''
 
 
-def write_chat(sup: Hotsup, port: int, fail: bool = False) -> None:
+def write_chat(sup: Hotsup, port: int, fail: bool = False, hooks: bool = True) -> None:
+    """The chat bundle; without ``hooks`` (no snapshot/restore) it swaps in overlap mode."""
     directory = sup.bundles / "chat"
     directory.mkdir(exist_ok=True)
     (directory / "bundle.toml").write_text(
         f'entry = "chat:Chat"\nquiesce_timeout = 4\nprobation = 30\n'
         f'[sockets.main]\nbind = "127.0.0.1:{port}"\n')
-    (directory / "chat.py").write_text(CHAT.format(fail=fail))
+    source = CHAT.format(fail=fail)
+    if not hooks:
+        source = source.replace("def snapshot(", "def _snapshot(")
+    (directory / "chat.py").write_text(source)
 
 
 class Client:
@@ -201,5 +205,23 @@ def test_the_demo_counter_keeps_its_client_through_an_edit(
         toml.write_text(re.sub(r'greeting = "[^"]*"', 'greeting = "edited"', toml.read_text()))
         sup.wait_log(r"counter@2: 1 connection\(s\) carried from counter@1")
         assert client.ask("incr") == "count=2 mine=2 generation=2 greeting=edited"
+    finally:
+        client.close()
+
+
+def test_in_overlap_mode_idle_connections_move_too(hotsup: Callable[..., Hotsup]) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_chat(sup, port, hooks=False)
+    sup.start_serving("chat")
+    client = Client(port)
+    try:
+        assert client.ask() == "seen=1 total=1 gen=1"
+        done = sup.cli("reload", "chat")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "overlap" in done.stdout
+        sup.wait_log(r"chat@2: 1 connection\(s\) carried from chat@1")
+        # Its own state came along; the bundle's (no hooks) did not.
+        assert client.ask() == "seen=2 total=1 gen=2"
     finally:
         client.close()

@@ -33,14 +33,16 @@ optionally ``snapshot``; the reply's payload is the snapshot), ``resume``
 pausing), ``retire`` (stop accepting, drain, optionally ``snapshot`` (the
 reply's payload), ``stop()``, then exit), ``ping``.
 
-Carrying connections across a hand-over: a ``pause`` with ``carry`` true may
-park connections (its reply says how many: ``parked``); ``parked`` takes the
+Carrying connections across a swap: a ``pause`` with ``carry`` true may
+park connections (its reply says how many: ``parked``; with ``wait`` false,
+overlap mode, it waits ``settle`` seconds for handlers to park theirs); ``parked`` takes the
 next batch of them (the reply's fds, one per connection, and as payload a
 pickled manifest ``[(socket, kind, buffered, meta), ...]`` in the same order;
 ``count`` says how many); ``adopt`` gives such a batch to the successor before
 its ``start`` (which takes them up once ``start()`` returned); ``handed`` tells
 the paused generation that its successor has them (it drops its side), and a
-``resume`` instead means the swap rolled back (it serves them again).
+``resume`` instead means the swap rolled back (it serves them again). In
+overlap mode the successor is serving already: it takes up an ``adopt`` at once.
 A snapshot is refused (``error_type`` ``SnapshotError``) when it cannot be
 pickled or is larger than the request's ``max_bytes``.
 """

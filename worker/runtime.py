@@ -339,12 +339,16 @@ class Worker:
         self.ctx.pausing.set()
         for listener in self.ctx.listeners:
             listener.pause(carry)
-        if not header.get("wait", True):  # probation: in-flight connections just finish
-            return {"quiesce_ms": 0.0}
-        timeout = float(header.get("quiesce_timeout", 5.0))
-        if not await self._wait_idle(timeout):
-            busy = sum(listener.inflight for listener in self.ctx.listeners)
-            raise Busy(f"{busy} connection(s) still in flight after {timeout:g}s")
+        # Without waiting (overlap mode, probation): in-flight connections just
+        # finish here; those that park within ``settle`` seconds (a handler
+        # needs a few turns of the loop to see ctx.pausing) are carried.
+        if not header.get("wait", True):
+            await self._wait_idle(float(header.get("settle", 0.0)))
+        else:
+            timeout = float(header.get("quiesce_timeout", 5.0))
+            if not await self._wait_idle(timeout):
+                busy = sum(listener.inflight for listener in self.ctx.listeners)
+                raise Busy(f"{busy} connection(s) still in flight after {timeout:g}s")
         fields: dict[str, Any] = {"quiesce_ms": (time.monotonic() - started) * 1000}
         data = self._take_snapshot(header) if header.get("snapshot") else None
         if carry:  # after the snapshot: a snapshot that fails parks nothing more
@@ -385,6 +389,8 @@ class Worker:
             raise ValueError(f"adopt: {len(manifest)} connection(s) described, {len(fds)} fds")
         for (name, kind, buffered, meta), fd in zip(manifest, fds, strict=True):
             self._adopted.append((name, Carried(kind, os.dup(fd), buffered, meta)))
+        if self.ctx.accepting:  # serving already (overlap mode): take them up now
+            self._take_up_adopted()
 
     async def _handed(self, header: dict[str, Any], payload: Payload | bytes | None,
                       fds: Sequence[int]) -> None:
