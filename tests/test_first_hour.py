@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -110,3 +111,29 @@ def test_check_bounds_a_hanging_import_by_start_timeout(hotsup: MakeHotsup) -> N
     assert done.returncode == 1, done.stderr
     assert ("bundle.toml: entry: importing 'counter:Counter' did not finish within "
             "start_timeout (1s)") in done.stderr, done.stderr
+
+
+# -- ruff lints the project, not a user's drop-ins ---------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_lints_the_demo_bundles_but_not_a_users_drop_in(tmp_path: Path) -> None:
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copytree(REPO / "bundles", tmp_path / "bundles",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    mine = tmp_path / "bundles" / "mine"
+    mine.mkdir()
+    (mine / "mine.py").write_text("import os,sys\nx=1;y = 2\n")  # unused imports, E231, E702
+
+    def ruff() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    done = ruff()
+    assert done.returncode == 0, done.stdout + done.stderr
+    demo = tmp_path / "bundles" / "counter" / "counter.py"
+    demo.write_text(demo.read_text() + "import os\n")  # the demo bundles are still linted
+    done = ruff()
+    assert done.returncode == 1 and "counter.py" in done.stdout and "F401" in done.stdout, \
+        done.stdout
