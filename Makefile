@@ -6,8 +6,15 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test lint bench soak clean
 
+# Ctrl-C exits 0. make kills itself with a SIGINT it receives (exit 130), whatever
+# its recipe returned; so on a terminal hotsup runs as a job of its own (bash's job
+# control: its own process group, which fg makes the terminal's foreground group),
+# the terminal's SIGINT reaches hotsup alone, which drains and exits 0, and so
+# does make. Without a terminal there is no Ctrl-C to route: hotsup runs plainly.
 run: $(VENV)/.installed
-	$(VENV)/bin/hotsup start config.toml
+	@echo $(VENV)/bin/hotsup start config.toml
+	@bash -c 'if [ -t 0 ]; then set -m; "$$0" start config.toml & fg %1 >/dev/null; \
+	          else exec "$$0" start config.toml; fi' $(VENV)/bin/hotsup
 
 test: lint
 	$(PY) -m pytest

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Hotsup, counter_source, free_port, request, serve_counter, write_bundle
+from harness import (
+    Hotsup,
+    counter_source,
+    free_port,
+    request,
+    serve_counter,
+    session_pids,
+    wait_for,
+    write_bundle,
+)
 from hotsup.supervisor import cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,3 +150,70 @@ def test_ruff_lints_the_demo_bundles_but_not_a_users_drop_in(tmp_path: Path) -> 
     done = ruff()
     assert done.returncode == 1 and "counter.py" in done.stdout and "F401" in done.stdout, \
         done.stdout
+
+
+# -- Ctrl-C on make run -----------------------------------------------------------------
+
+#: Run argv[1:] with stdin's terminal as the controlling terminal (the caller made a
+#: new session): a terminal the test holds the other end of, as a user's shell would.
+TAKE_TTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+            "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+class Terminal:
+    """A pty whose slave end is ``argv``'s controlling terminal; what it prints is kept."""
+
+    def __init__(self, argv: list[str], cwd: Path) -> None:
+        master, slave = os.openpty()
+        self.master = master
+        self.proc = subprocess.Popen([sys.executable, "-c", TAKE_TTY, *argv], cwd=cwd,
+                                     stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True)
+        os.close(slave)
+        self.output = b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: every holder of the slave end is gone
+                return
+            if not data:
+                return
+            self.output += data
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def close(self) -> None:
+        """Kill by pid whatever of the session is left, and close the pty."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in session_pids(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._reader.join(10)
+        os.close(self.master)
+
+
+def test_ctrl_c_on_make_run_drains_and_exits_0(hotsup: MakeHotsup, tmp_path: Path) -> None:
+    sup = hotsup()  # its config.toml and bundles/ in tmp_path, as the demo's in the repo
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    venv = Path(sys.executable).parent.parent
+    term = Terminal(["make", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed",
+                     f"VENV={venv}", "run"], tmp_path)
+    try:
+        wait_for(lambda: "counter@1: serving" in term.text(), what="make run serving")
+        assert request(port).startswith("count=1 generation=1")
+        os.write(term.master, b"\x03")  # Ctrl-C: the terminal's SIGINT to its foreground group
+        returncode = term.proc.wait(60)
+        assert returncode == 0, term.text()
+        assert "make: ***" not in term.text(), term.text()
+        assert "draining" in term.text() or "retired" in term.text(), term.text()
+        wait_for(lambda: not session_pids(term.proc.pid), what="every process of make run gone")
+    finally:
+        term.close()
