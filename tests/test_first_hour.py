@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -217,3 +218,94 @@ def test_ctrl_c_on_make_run_drains_and_exits_0(hotsup: MakeHotsup, tmp_path: Pat
         wait_for(lambda: not session_pids(term.proc.pid), what="every process of make run gone")
     finally:
         term.close()
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+def test_a_hung_start_names_start_timeout(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nstart_timeout = 1.0\n")
+    write_bundle(sup.bundles / "counter",
+                 counter_source("v0", start="await asyncio.sleep(3600)"), free_port())
+    sup.start()
+    line = sup.wait_log(r"counter: counter@1 did not start: .*")
+    assert "start() did not return within start_timeout (1s)" in line, line
+    wait_for(lambda: sup.status()["counter"]["last_error"], what="last_error set")
+    error = sup.status()["counter"]["last_error"]
+    assert "start() did not return within start_timeout (1s)" in error, error
+    assert sup.stop() == 0
+
+
+#: An app that speaks lifespan the way Starlette does: a failed startup sends
+#: ``lifespan.startup.failed`` with the whole traceback as its message.
+STARLETTE_LIKE = '''\
+import traceback
+
+
+def connect():
+    raise ConnectionRefusedError("no database at db:5432")
+
+
+async def app(scope, receive, send):
+    assert scope["type"] == "lifespan"
+    await receive()
+    try:
+        connect()
+    except Exception:
+        await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
+'''
+
+#: An app that does not speak lifespan: a bare assert on the scope's type.
+NO_LIFESPAN = '''\
+async def app(scope, receive, send):
+    assert scope["type"] == "http"
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"plain"})
+'''
+
+
+def write_app(sup: Hotsup, name: str, source: str) -> int:
+    port = free_port()
+    directory = sup.bundles / name
+    directory.mkdir()
+    (directory / "bundle.toml").write_text(
+        f'entry = "{name}:app"\nkind = "asgi"\n[sockets.http]\nbind = "127.0.0.1:{port}"\n')
+    (directory / f"{name}.py").write_text(source)
+    return port
+
+
+def test_lifespan_messages_say_what_the_app_did(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nmax_restarts = 0\n")
+    write_app(sup, "failing", STARLETTE_LIKE)
+    port = write_app(sup, "plain", NO_LIFESPAN)
+    sup.start_serving("plain")
+    line = sup.wait_log(r"plain@1: the app does not use ASGI lifespan events.*")
+    assert "AssertionError: )" not in line, line
+    assert "(AssertionError at " in line and "plain.py:2" in line, line
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(1000):
+            response += chunk
+        assert b"\r\n\r\n5\r\nplain\r\n" in response, response
+    wait_for(lambda: sup.status()["failing"]["state"] == "failed", what="failing failed")
+    error = sup.status()["failing"]["last_error"]
+    assert "Traceback" not in error, error
+    assert "ConnectionRefusedError: no database at db:5432" in error, error
+    # the whole traceback is in the bundle's log, for whoever needs the frames
+    sup.wait_log(r"failing@1: lifespan startup failed:")
+    assert 'failing.py", line 5, in connect' in sup.log()
+    assert sup.stop() == 0
+
+
+def test_the_start_line_counts_only_bundles_that_serve(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+    write_bundle(sup.bundles / "tally", counter_source("v0"), port, module="tally")
+    sup.start()  # one of the two gets the port, the other is refused
+    line = sup.wait_log(r"hotsup \d+ serving .*")
+    refused = sup.wait_log(r"(\w+): \S+bundle.toml: sockets.main.bind: .* is already used")
+    assert line.endswith(f"serving 1 bundle(s) from {sup.config}; 1 failed: {refused}"), line
+    assert sup.stop() == 0
