@@ -20,6 +20,7 @@ from harness import (
     counter_source,
     free_port,
     request,
+    save,
     serve_counter,
     session_pids,
     wait_for,
@@ -309,3 +310,79 @@ def test_the_start_line_counts_only_bundles_that_serve(hotsup: MakeHotsup) -> No
     refused = sup.wait_log(r"(\w+): \S+bundle.toml: sockets.main.bind: .* is already used")
     assert line.endswith(f"serving 1 bundle(s) from {sup.config}; 1 failed: {refused}"), line
     assert sup.stop() == 0
+
+
+# -- hotsup new -------------------------------------------------------------------------
+
+
+def http_body(port: int) -> str:
+    """The body of ``GET /`` (HTTP/1.0: the server closes when it is done)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response
+    return body.decode()
+
+
+def test_hotsup_new_scaffolds_pass_check_serve_and_swap_with_state(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    ports = {kind: free_port() for kind in ("service", "asgi", "wsgi")}
+    for kind, port in ports.items():
+        # -c FILE: the scaffold goes to that config's bundles_dir
+        done = hotsup_cli(sup, "new", f"my-{kind}", "--kind", kind, "-c", str(sup.config),
+                          "--bind", f"127.0.0.1:{port}")
+        assert done.returncode == 0, done.stderr
+        assert f"a new {kind} bundle" in done.stdout, done.stdout
+        assert (sup.bundles / f"my-{kind}" / f"my_{kind}.py").is_file()
+    done = hotsup_cli(sup, "check", str(sup.config))
+    assert done.returncode == 0, done.stderr
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache",
+                           "--config", str(REPO / "pyproject.toml"), str(sup.bundles)],
+                          capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout  # the project's own style, as an example should be
+
+    def ask(kind: str) -> str:
+        if kind == "service":
+            return request(ports[kind], "hi")
+        return http_body(ports[kind]).strip()
+
+    sup.start_serving("my-service", "my-asgi", "my-wsgi")
+    for kind in ports:
+        for count in (1, 2):
+            answer = ask(kind)
+            assert answer.startswith(f"hello #{count} from my-{kind}@1"), answer
+    for kind in ports:  # the service's greeting is a setting; the apps' is in their code
+        edit = sup.bundles / f"my-{kind}" / ("bundle.toml" if kind == "service"
+                                             else f"my_{kind}.py")
+        text = edit.read_text()
+        edited = text.replace('"hello #', '"hey #').replace('greeting = "hello"',
+                                                            'greeting = "hey"')
+        assert edited != text
+        save(edit, edited)
+        sup.wait_log(rf"my-{kind}@2: swapped from my-{kind}@1 .*hand-over")
+    for kind in ports:
+        answer = ask(kind)
+        assert answer.startswith(f"hey #3 from my-{kind}@2"), answer
+    assert sup.stop() == 0
+
+
+def test_hotsup_new_never_overwrites(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    mine = sup.bundles / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    done = hotsup_cli(sup, "new", "mine", "--dir", str(sup.bundles))
+    assert done.returncode == 1, done.stdout
+    assert done.stderr == (f"hotsup new: {mine} exists: hotsup new never overwrites; "
+                           "choose another NAME or remove it\n")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in sup.bundles.iterdir()) == ["mine"], "nothing left behind"
+    done = hotsup_cli(sup, "new", "b@d", "--dir", str(sup.bundles))
+    assert done.returncode == 1 and "a bundle name may use letters" in done.stderr
+    done = hotsup_cli(sup, "new", "queue", "--dir", str(sup.bundles))  # a stdlib module's name
+    assert done.returncode == 0, done.stderr
+    assert (sup.bundles / "queue" / "queue_bundle.py").is_file()
+    assert hotsup_cli(sup, "check", str(sup.config)).returncode == 0
