@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench soak clean
+.PHONY: run tour test lint bench soak clean
 
 # Ctrl-C exits 0. make kills itself with a SIGINT it receives (exit 130), whatever
 # its recipe returned; so on a terminal hotsup runs as a job of its own (bash's job
@@ -15,6 +15,11 @@ run: $(VENV)/.installed
 	@echo $(VENV)/bin/hotsup start config.toml
 	@bash -c 'if [ -t 0 ]; then set -m; "$$0" start config.toml & fg %1 >/dev/null; \
 	          else exec "$$0" start config.toml; fi' $(VENV)/bin/hotsup
+
+# About a minute of hotsup, scripted: state across a swap, a rollback, a push over
+# CURVE, in a temporary copy of the demo (contrib/tour.py says what it runs).
+tour: $(VENV)/.installed
+	$(PY) contrib/tour.py
 
 test: lint
 	$(PY) -m pytest

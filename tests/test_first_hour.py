@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -386,3 +387,23 @@ def test_hotsup_new_never_overwrites(hotsup: MakeHotsup) -> None:
     assert done.returncode == 0, done.stderr
     assert (sup.bundles / "queue" / "queue_bundle.py").is_file()
     assert hotsup_cli(sup, "check", str(sup.config)).returncode == 0
+
+
+# -- the tour ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_the_tour_runs_to_its_end() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "contrib" / "tour.py"), "--any-port"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for shown in ("count=4 generation=2 greeting=hey",  # the state carried across a swap
+                  "swap to counter@3 rolled back, counter@2 keeps serving",
+                  "count=5 generation=2 greeting=hey",  # the old generation served on
+                  "counter: started in",  # pushed over CURVE to the second supervisor ...
+                  "count=3 generation=2 greeting=from the laptop",  # ... and swapped there
+                  "== 4. a WebSocket survives a swap",  # the place kept for issue 10
+                  "hotsup stopped"):
+        assert shown in out, out
+    assert re.search(r"the tour took \d+ s", out), out
