@@ -407,3 +407,21 @@ def test_the_tour_runs_to_its_end() -> None:
                   "hotsup stopped"):
         assert shown in out, out
     assert re.search(r"the tour took \d+ s", out), out
+
+
+# -- hotsup logs NAME: the supervisor's lines about NAME --------------------------------
+
+
+def test_logs_name_has_the_supervisors_socket_lines_about_it(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = serve_counter(sup)
+    assert sup.cli("stop", "counter").returncode == 0
+    done = sup.cli("logs", "counter", "--json", "-n", "500")
+    assert done.returncode == 0, done.stderr
+    mine = [json.loads(line) for line in done.stdout.splitlines()]
+    said = {r["msg"] for r in mine if r["tag"] == "hotsup"}
+    for line in ("counter: new bundle in ", f"counter: socket main listening on 127.0.0.1:{port}",
+                 f"counter: closed 127.0.0.1:{port}"):
+        assert any(msg.startswith(line) for msg in said), (line, said)
+    assert all(r["bundle"] == "counter" for r in mine), mine
+    assert sup.stop() == 0
