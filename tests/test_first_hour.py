@@ -425,3 +425,18 @@ def test_logs_name_has_the_supervisors_socket_lines_about_it(hotsup: MakeHotsup)
         assert any(msg.startswith(line) for msg in said), (line, said)
     assert all(r["bundle"] == "counter" for r in mine), mine
     assert sup.stop() == 0
+
+
+def test_a_bundle_fixed_after_a_failed_start_has_no_last_error(hotsup: MakeHotsup) -> None:
+    sup = hotsup("[defaults]\nmax_restarts = 0\n")
+    port = free_port()
+    module = write_bundle(sup.bundles / "counter", "def broken(:\n", port) / "counter.py"
+    sup.start()
+    sup.wait_log(r"serving 0 bundle\(s\) .*; 1 failed: counter")
+    assert sup.status()["counter"]["state"] == "failed"
+    assert "SyntaxError" in sup.status()["counter"]["last_error"]
+    save(module, counter_source("fixed"))
+    wait_for(lambda: sup.status()["counter"]["state"] == "running", what="counter running")
+    assert sup.status()["counter"]["last_error"] is None
+    assert request(port).startswith("count=1")
+    assert sup.stop() == 0
