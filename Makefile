@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run tour test lint bench soak clean
+.PHONY: run tour install test lint bench soak clean
 
 # Ctrl-C exits 0. make kills itself with a SIGINT it receives (exit 130), whatever
 # its recipe returned; so on a terminal hotsup runs as a job of its own (bash's job
@@ -20,6 +20,21 @@ run: $(VENV)/.installed
 # CURVE, in a temporary copy of the demo (contrib/tour.py says what it runs).
 tour: $(VENV)/.installed
 	$(PY) contrib/tour.py
+
+# `hotsup` on your PATH: a symlink in $(PREFIX)/bin (default ~/.local/bin) to this
+# checkout's $(VENV)/bin/hotsup, which runs on the venv's Python from anywhere.
+# Never over a file that is not such a symlink; `rm $(PREFIX)/bin/hotsup` undoes it.
+PREFIX ?= $(HOME)/.local
+
+install: $(VENV)/.installed
+	@link="$(PREFIX)/bin/hotsup"; target="$(abspath $(VENV))/bin/hotsup"; \
+	if [ -e "$$link" ] && [ ! -L "$$link" ]; then \
+	    echo "make install: $$link exists and is not a symlink: remove it first" >&2; exit 1; \
+	fi; \
+	mkdir -p "$(PREFIX)/bin" && ln -sfn "$$target" "$$link" && echo "$$link -> $$target"; \
+	case ":$$PATH:" in *":$(abspath $(PREFIX))/bin:"*) ;; \
+	    *) echo "note: $(PREFIX)/bin is not on your PATH: add it there, or run" \
+	            ". $(VENV)/bin/activate in each terminal instead";; esac
 
 test: lint
 	$(PY) -m pytest

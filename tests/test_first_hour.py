@@ -440,3 +440,32 @@ def test_a_bundle_fixed_after_a_failed_start_has_no_last_error(hotsup: MakeHotsu
     assert sup.status()["counter"]["last_error"] is None
     assert request(port).startswith("count=1")
     assert sup.stop() == 0
+
+
+# -- hotsup on PATH ---------------------------------------------------------------------
+
+
+def test_make_install_puts_hotsup_on_path_for_a_second_terminal(hotsup: MakeHotsup,
+                                                                 tmp_path: Path) -> None:
+    venv = Path(sys.executable).parent.parent
+    prefix = tmp_path / "prefix"
+    make = ["make", "-s", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed",
+            f"VENV={venv}", f"PREFIX={prefix}", "install"]
+    done = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (prefix / "bin" / "hotsup").resolve() == (venv / "bin" / "hotsup").resolve()
+    sup = hotsup()
+    serve_counter(sup)
+    # A second terminal: a shell with that PATH and no virtualenv active, in the
+    # directory of config.toml, typing the command as README writes it.
+    env = {"PATH": f"{prefix / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", "-c", "hotsup status"], cwd=sup.root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("BUNDLE") and "counter  running" in done.stdout, done.stdout
+    (prefix / "bin" / "hotsup").unlink()
+    (prefix / "bin" / "hotsup").write_text("mine")
+    done = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "exists and is not a symlink" in done.stderr, done.stderr
+    assert (prefix / "bin" / "hotsup").read_text() == "mine"
+    assert sup.stop() == 0
