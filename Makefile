@@ -10,10 +10,15 @@ PY := $(VENV)/bin/python
 # its recipe returned; so on a terminal hotsup runs as a job of its own (bash's job
 # control: its own process group, which fg makes the terminal's foreground group),
 # the terminal's SIGINT reaches hotsup alone, which drains and exits 0, and so
-# does make. Without a terminal there is no Ctrl-C to route: hotsup runs plainly.
+# does make. A Ctrl-Z would stop hotsup alone, and make would leave it stopped
+# and orphaned: fg again, so Ctrl-Z only pauses it. Without a terminal there is
+# no Ctrl-C to route: hotsup runs plainly.
 run: $(VENV)/.installed
 	@echo $(VENV)/bin/hotsup start config.toml
-	@bash -c 'if [ -t 0 ]; then set -m; "$$0" start config.toml & fg %1 >/dev/null; \
+	@bash -c 'if [ -t 0 ]; then set -m; "$$0" start config.toml & pid=$$!; \
+	          fg %1 >/dev/null; status=$$?; \
+	          while kill -0 $$pid 2>/dev/null; do fg %1 >/dev/null; status=$$?; done; \
+	          exit $$status; \
 	          else exec "$$0" start config.toml; fi' $(VENV)/bin/hotsup
 
 # About a minute of hotsup, scripted: state across a swap, a rollback, a push over

@@ -212,6 +212,9 @@ def test_ctrl_c_on_make_run_drains_and_exits_0(hotsup: MakeHotsup, tmp_path: Pat
     try:
         wait_for(lambda: "counter@1: serving" in term.text(), what="make run serving")
         assert request(port).startswith("count=1 generation=1")
+        os.write(term.master, b"\x1a")  # Ctrl-Z: hotsup is stopped, and resumed at once
+        wait_for(lambda: "Stopped" in term.text(), what="bash saw its job stop")
+        assert request(port).startswith("count=2 generation=1"), "hotsup runs on"
         os.write(term.master, b"\x03")  # Ctrl-C: the terminal's SIGINT to its foreground group
         returncode = term.proc.wait(60)
         assert returncode == 0, term.text()
