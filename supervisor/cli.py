@@ -321,8 +321,9 @@ def _new(args: argparse.Namespace) -> int:
     except ScaffoldError as exc:
         print(f"hotsup new: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    shown = os.path.relpath(made.path) if not made.path.is_absolute() or \
-        made.path.is_relative_to(Path.cwd()) else str(made.path)
+    shown = made.path.absolute()
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
     print(f"{shown}: a new {args.kind} bundle ({', '.join(made.files)}) on {made.bind}\n"
           f"hotsup serves it from there (a running one picks it up by itself); "
           f"`hotsup check` imports it as a worker would")
