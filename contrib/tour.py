@@ -246,7 +246,7 @@ def tour(root: Path, ports: dict[str, int]) -> None:
             'authorized_keys = "../authorized"\n')
         print("$ cat staging/staging.toml")
         for line in (root / "staging/staging.toml").read_text().splitlines():
-            print(f"  {line}")
+            print(f"  {line}".rstrip())
         print("$ hotsup start staging/staging.toml &")
         staging = Supervisor(root / "staging", "staging.toml")
         supervisors.append(staging)
