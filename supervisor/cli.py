@@ -301,6 +301,35 @@ def _watch(args: argparse.Namespace, client: ControlClient | RemoteClient, direc
     return EXIT_OK
 
 
+# -- a new bundle --------------------------------------------------------------------
+
+def _new(args: argparse.Namespace) -> int:
+    from .scaffold import ScaffoldError, create
+
+    if args.dir is not None:
+        directory = Path(args.dir)
+    else:  # the bundles_dir of the config (-c FILE, else ./config.toml), if there is one
+        config = Path(args.config or "config.toml")
+        directory = Path(".")
+        if config.exists():
+            try:
+                directory = load_config(config).bundles_dir or directory
+            except ConfigError as exc:
+                raise UsageError(f"{exc.problems[0]} (or give --dir DIR)") from None
+    try:
+        made = create(args.name, args.kind, directory, args.bind)
+    except ScaffoldError as exc:
+        print(f"hotsup new: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    shown = made.path.absolute()
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
+    print(f"{shown}: a new {args.kind} bundle ({', '.join(made.files)}) on {made.bind}\n"
+          f"hotsup serves it from there (a running one picks it up by itself); "
+          f"`hotsup check` imports it as a worker would")
+    return EXIT_OK
+
+
 def _shutdown(args: argparse.Namespace) -> int:
     pid = _client(args).request("shutdown", QUERY_TIMEOUT)["pid"]
     deadline = time.monotonic() + args.timeout
@@ -410,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("name", help="NAME: writes NAME.key (public), NAME.key_secret")
     keygen.add_argument("--dir", default=".", help="where to write them (default: here)")
     keygen.set_defaults(func=_keygen)
+    new = commands.add_parser("new", help="write a new bundle's directory: bundle.toml and "
+                                          "a module with every hook, commented")
+    new.add_argument("name", help="the bundle's name (its directory's)")
+    new.add_argument("--kind", choices=("service", "asgi", "wsgi"), default="service",
+                     help="a service class, an ASGI app or a WSGI callable (default service)")
+    new.add_argument("--dir", metavar="DIR", help="where to make NAME/ (default: the "
+                                                  "bundles_dir of -c FILE or ./config.toml, "
+                                                  "else here)")
+    new.add_argument("--bind", metavar="HOST:PORT",
+                     help="its socket (default: 127.0.0.1 and a free port from 8100 up)")
+    new.add_argument("-c", "--config", metavar="FILE",
+                     help="the config.toml whose bundles_dir to use (default ./config.toml)")
+    new.set_defaults(func=_new)
     push = remote("push", _push, 120.0, "send a bundle directory to a supervisor and swap "
                                         "it in (only what changed travels)")
     push.add_argument("dir", metavar="DIR", help="the bundle directory to push")

@@ -168,7 +168,7 @@ class WorkerProcess:
                 return WorkerReply(message.header, message.payload, message.fds)
             if self.exited in done:
                 raise WorkerError(f"{op}: the worker {await self.describe_exit()}")
-            raise WorkerError(f"{op}: no answer within {timeout:g}s")
+            raise WorkerError(_no_answer(op, timeout, payload is not None))
         except (ConnectionError, P.ProtocolError) as exc:
             raise WorkerError(f"{op}: {exc}") from None
         except TimeoutError:
@@ -283,3 +283,12 @@ class WorkerProcess:
                                                   str(header.get("detail", ""))))
         elif op != P.OP_REPLY:
             self._drops.warning("%s: dropped an unexpected %r message", self.tag, op)
+
+
+def _no_answer(op: str, timeout: float, with_state: bool) -> str:
+    """Why a request timed out, in the words a bundle's author knows: its hooks
+    and the config key that set the deadline."""
+    if op == P.OP_START:  # the only start request is bounded by start_timeout
+        hooks = "restore() and start()" if with_state else "start()"
+        return f"{hooks} did not return within start_timeout ({timeout:g}s)"
+    return f"{op}: no answer within {timeout:g}s"

@@ -59,7 +59,7 @@ from .config import BundleSource, Config, misnamed
 from .control import ControlError, ControlServer, Request
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
-from .notify import Notifier, summarize
+from .notify import STARTING_TICK, Notifier, summarize
 from .process import WorkerProcess
 from .push import PushStore, Session, clear_staging
 from .remote import RemoteServer
@@ -178,8 +178,7 @@ class Supervisor:
             await asyncio.sleep(0)
             await self._rescan()
             self._background(self._notifier.run())  # READY=1 once no bundle is starting
-            log.info("hotsup %d serving %d bundle(s) from %s", os.getpid(), len(self.runners),
-                     config.path)
+            self._background(self._announce())
             while self._stopping is None:
                 command = await self.commands.get()
                 try:
@@ -472,6 +471,20 @@ class Supervisor:
             known = ", ".join(sorted(self.runners)) or "none"
             raise ControlError(f"no bundle named {name!r} (bundles: {known})")
         return runner
+
+    async def _announce(self) -> None:
+        """Say how many bundles serve, once none is starting any more: a bundle
+        refused for its port, or whose first start failed, is not serving."""
+        # A runner's state is derived, never set, so no event says it changed:
+        # polled on the notifier's tick, as READY=1 is.
+        while any(r.state is BundleState.STARTING for r in self.runners.values()):  # noqa: ASYNC110
+            await asyncio.sleep(STARTING_TICK)
+        states = {name: runner.state for name, runner in self.runners.items()}
+        serving = [n for n, s in states.items()
+                   if s in (BundleState.RUNNING, BundleState.SWAPPING)]
+        failed = sorted(n for n, s in states.items() if s is BundleState.FAILED)
+        log.info("hotsup %d serving %d bundle(s) from %s%s", os.getpid(), len(serving),
+                 self.config.path, f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -77,7 +77,8 @@ class SocketRegistry:
                     if not bound.adoptable:
                         raise SocketError(f"{where}: {sock_spec.bind} is already used by "
                                           f"bundle {bound.owner!r}")
-                    log.info("%s: takes over %s from %s", spec.name, bound.address, bound.owner)
+                    log.info("%s: takes over %s from %s", spec.name, bound.address, bound.owner,
+                             extra={"bundle": spec.name})
                     bound.owner, bound.holder, bound.adoptable = spec.name, holder, False
                 if bound is None:
                     bound = self._bind(spec.name, holder, key, sock_spec, where)
@@ -132,7 +133,8 @@ class SocketRegistry:
         else:
             host, port = sock.getsockname()[:2]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("%s: socket %s listening on %s", owner, spec.name, address)
+        log.info("%s: socket %s listening on %s", owner, spec.name, address,
+                 extra={"bundle": owner})
         return Bound(key, owner, holder, sock, address)
 
     def _take_inherited(self, owner: str, holder: object, key: str, spec: SocketSpec,
@@ -147,20 +149,22 @@ class SocketRegistry:
             raise SocketError(f"{where}: {spec.bind}: systemd passed no socket of that name "
                               f"(it passed: {', '.join(sorted(self._inherited))})")
         address = f"systemd:{spec.systemd} ({_describe(sock)})"
-        log.info("%s: socket %s listening on %s", owner, spec.name, address)
+        log.info("%s: socket %s listening on %s", owner, spec.name, address,
+                 extra={"bundle": owner})
         return Bound(key, owner, holder, sock, address)
 
     def _close(self, bound: Bound) -> None:
         if bound.address.startswith("systemd:"):
             # Ours until we exit (close_all): systemd hands it over only at start.
-            log.info("%s: released %s", bound.owner, bound.address)
+            log.info("%s: released %s", bound.owner, bound.address,
+                     extra={"bundle": bound.owner})
             return
         path = bound.address[len("unix:"):] if bound.address.startswith("unix:") else None
         bound.sock.close()  # our copy only; a worker still draining keeps its own
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        log.info("%s: closed %s", bound.owner, bound.address)
+        log.info("%s: closed %s", bound.owner, bound.address, extra={"bundle": bound.owner})
 
 
 def _listening(family: socket.AddressFamily, address: str | tuple[str, int]) -> socket.socket:

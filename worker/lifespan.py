@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -80,7 +81,7 @@ class Lifespan:
             task.cancel()  # an app that reported its failure may still wait in receive()
             await asyncio.gather(task, return_exceptions=True)
             raise
-        why = f" ({type(self._error).__name__}: {self._error})" if self._error else ""
+        why = f" ({_where(self._error)}, before its first receive())" if self._error else ""
         self.log.info("the app does not use ASGI lifespan events%s; serving it without", why)
 
     async def shutdown(self, timeout: float) -> None:
@@ -127,13 +128,38 @@ class Lifespan:
         if kind == "lifespan.startup.complete":
             _settle(self._started)
         elif kind == "lifespan.startup.failed":
-            _settle(self._started, LifespanFailed(message.get("message") or "startup failed"))
+            _settle(self._started, self._failed(message.get("message"), "startup"))
         elif kind == "lifespan.shutdown.complete":
             _settle(self._stopped)
         elif kind == "lifespan.shutdown.failed":
-            _settle(self._stopped, LifespanFailed(message.get("message") or "shutdown failed"))
+            _settle(self._stopped, self._failed(message.get("message"), "shutdown"))
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} in the lifespan scope")
+
+    def _failed(self, message: object, phase: str) -> LifespanFailed:
+        """The error for a ``lifespan.PHASE.failed`` message: its cause in one line.
+
+        Frameworks (Starlette, FastAPI) send the whole traceback as the message;
+        its first line ("Traceback (most recent call last):") says nothing, so
+        the error keeps the last one (the exception) and the log gets it all.
+        """
+        text = str(message).strip() if message else ""
+        if not text:
+            return LifespanFailed(f"{phase} failed")
+        lines = text.splitlines()
+        if len(lines) > 1:
+            self.log.error("lifespan %s failed:\n%s", phase, text)
+        return LifespanFailed(lines[-1].strip())
+
+
+def _where(exc: BaseException) -> str:
+    """``Type: message at FILE:LINE`` of an app's exception (no message: no colon),
+    the line being where it was raised: a bare ``assert`` has nothing else to say."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        what += f" at {frames[-1].filename}:{frames[-1].lineno}"
+    return what
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None = None) -> None:
