@@ -121,9 +121,16 @@ def run(root: Path, *args: str, expect: int = 0) -> str:
     return output
 
 
-def incr(port: int) -> str:
-    """One ``incr`` to a counter: its answer, shown as the line exchange it is."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+def incr(port: int, sock: socket.socket | None = None) -> str:
+    """One ``incr`` to a counter (on a new connection, or on ``sock``): its
+    answer, shown as the line exchange it is."""
+    with contextlib.ExitStack() as stack:
+        if sock is None:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                timeout=10))
+            how = ""
+        else:
+            how = " (the connection kept open)"
         sock.sendall(b"incr\n")
         answer = b""
         while not answer.endswith(b"\n"):
@@ -132,7 +139,7 @@ def incr(port: int) -> str:
                 break
             answer += chunk
     text = answer.decode().strip()
-    print(f"  127.0.0.1:{port} <- incr -> {text}", flush=True)
+    print(f"  127.0.0.1:{port} <- incr -> {text}{how}", flush=True)
     return text
 
 
@@ -204,13 +211,17 @@ def tour(root: Path, ports: dict[str, int]) -> None:
         for _ in range(3):
             incr(counter)
 
-        say('2. state across a swap: edit bundles/counter/bundle.toml, greeting = "hey"')
-        edit(root / "bundles/counter/bundle.toml", 'greeting = "hi"', 'greeting = "hey"')
-        local.wait(r"counter@2: swapped from counter@1")
-        answer = incr(counter)
-        if not answer.startswith("count=4 generation=2 greeting=hey"):
-            raise TourFailed(f"expected count=4 from generation 2, got {answer!r}")
-        print("  (new code, old count)")
+        say('2. state and a connection across a swap: a client stays connected while '
+            'bundles/counter/bundle.toml gets greeting = "hey"')
+        with socket.create_connection(("127.0.0.1", counter), timeout=10) as client:
+            incr(counter, client)
+            edit(root / "bundles/counter/bundle.toml", 'greeting = "hi"', 'greeting = "hey"')
+            local.wait(r"counter@2: swapped from counter@1")
+            answer = incr(counter, client)
+        if not answer.startswith("count=5 mine=2 generation=2 greeting=hey"):
+            raise TourFailed(f"expected count=5 mine=2 from generation 2, got {answer!r}")
+        print("  (new code, old count; the client's connection moved to generation 2 with its "
+              "own count, mine)")
 
         say("3. a broken edit is rolled back: a syntax error in bundles/counter/counter.py")
         module = root / "bundles/counter/counter.py"
@@ -269,7 +280,7 @@ def tour(root: Path, ports: dict[str, int]) -> None:
         run(root, *push)
         staging.wait(r"counter@2: swapped from counter@1")
         answer = incr(ports["staging"])
-        if not answer.startswith("count=3 generation=2"):
+        if not answer.startswith("count=3 mine=1 generation=2"):
             raise TourFailed(f"expected count=3 from generation 2 on staging, got {answer!r}")
 
         say("6. hotsup shutdown: every bundle drains, the ports close")
