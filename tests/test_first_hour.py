@@ -401,11 +401,11 @@ def test_the_tour_runs_to_its_end() -> None:
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    for shown in ("count=4 generation=2 greeting=hey",  # the state carried across a swap
+    for shown in ("count=5 mine=2 generation=2 greeting=hey",  # state and client carried
                   "swap to counter@3 rolled back, counter@2 keeps serving",
-                  "count=5 generation=2 greeting=hey",  # the old generation served on
+                  "count=6 mine=1 generation=2 greeting=hey",  # the old generation served on
                   "counter: started in",  # pushed over CURVE to the second supervisor ...
-                  "count=3 generation=2 greeting=from the laptop",  # ... and swapped there
+                  "count=3 mine=1 generation=2 greeting=from the laptop",  # ... swapped there
                   "== 4. a WebSocket survives a swap",  # the place kept for issue 10
                   "hotsup stopped"):
         assert shown in out, out
