@@ -15,12 +15,14 @@ work is done (a reload: when its swap finished) or failed with a
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeAlias
 
-Reply = asyncio.Future[Any]
+if TYPE_CHECKING:  # the command line imports this module: asyncio only for the types
+    import asyncio
+
+Reply: TypeAlias = "asyncio.Future[Any]"
 
 #: The longest a ``logs`` request may wait for a new record (seconds).
 MAX_WAIT: Final = 5.0

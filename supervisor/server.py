@@ -56,7 +56,8 @@ from .commands import (
     Stop,
 )
 from .config import BundleSource, Config, misnamed
-from .control import ControlError, ControlServer, Request
+from .control import ControlError, Request
+from .control_server import ControlServer
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
 from .notify import Notifier, summarize

@@ -80,6 +80,32 @@ def test_status_prints_a_table_and_the_json_of_the_design(hotsup: MakeHotsup) ->
     assert row.split()[:4] == ["counter", "running", "1", str(bundle["pid"])]
 
 
+#: What a command to a running supervisor must not import: the event loop, the
+#: watcher, the whole config's validation (each costs a fresh process tens of ms).
+NOT_FOR_CLIENTS = ("asyncio", "uvloop", "watchfiles", "hotsup.supervisor.config",
+                   "hotsup.supervisor.logs", "dataclasses")
+
+CLIENT_IMPORTS = """\
+import json, sys
+from hotsup.supervisor import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [["status"], ["reload", "counter"]])
+def test_a_client_command_imports_only_what_it_uses(hotsup: MakeHotsup,
+                                                    command: list[str]) -> None:
+    sup, _ = start_counter(hotsup)
+    done = subprocess.run([sys.executable, "-c", CLIENT_IMPORTS, *command, "-c",
+                           str(sup.config)], capture_output=True, text=True, timeout=60)
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["code"] == 0, done.stderr
+    loaded = [name for name in report["modules"]
+              if any(name == bad or name.startswith(bad + ".") for bad in NOT_FOR_CLIENTS)]
+    assert not loaded, f"hotsup {' '.join(command)} imported {loaded}"
+
+
 def test_reload_reports_the_swap_and_a_rollback(hotsup: MakeHotsup) -> None:
     sup, port = start_counter(hotsup)
     assert request(port, "incr").startswith("count=1 ")
