@@ -123,8 +123,8 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({"bundles": result["bundles"], "supervisor": result["supervisor"]},
                          indent=2))
         return EXIT_OK
-    rows = [["BUNDLE", "STATE", "GEN", "PID", "UPTIME", "RESTARTS", "VERSION", "LAST SWAP",
-             "LAST ERROR"]]
+    rows = [["BUNDLE", "STATE", "GEN", "PID", "UPTIME", "RESTARTS", "VERSION", "PSS",
+             "LAST SWAP", "LAST ERROR"]]
     for b in result["bundles"]:
         swap = "-"
         if b.get("last_swap_at") is not None:
@@ -132,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
             swap += f" ({b['last_swap_ms']:g} ms)"
         rows.append([b["name"], b["state"], _text(b["generation"]), _text(b["pid"]),
                      _duration(b.get("uptime")), str(b["restarts"]), _text(b["version"]),
-                     swap, _text(b["last_error"])])
+                     _mib(b.get("pss_kib")), swap, _text(b["last_error"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
@@ -340,6 +340,10 @@ def _alive(pid: int) -> bool:
 
 def _text(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}M"
 
 
 def _duration(seconds: float | None) -> str:

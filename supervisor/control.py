@@ -27,7 +27,8 @@ Commands (``args`` -> ``result``); each one's arguments are checked against its
   (name, state, generation, pid, restarts, version, last_swap_ms,
   last_pause_ms, last_error) and uptime (seconds the serving generation has
   served), last_swap_at (unix time), log_dropped (its log lines dropped for
-  flooding), swaps, sockets.
+  flooding), swaps, sockets, pss_kib (the serving worker's proportional set
+  size, KiB) and workers (each live worker: generation, state, pid, pss_kib).
 * ``reload`` {"name": str or null (all)} -> ``{"bundles": [report, ...]}``, sent
   when every swap asked for has finished.
 * ``stop`` {"name"} / ``run`` {"name"} -> a report, once the bundle is down / up.

@@ -292,6 +292,12 @@ class BundleRunner:
             if gen and gen.serving_since is not None else None,
             "last_swap_at": self.last_swap_at,
             "log_dropped": gen.process.log_dropped if gen else 0,
+            "pss_kib": gen.process.pss_kib if gen else None,
+            # Every live worker, the serving one too: a held or retiring
+            # generation costs memory until it has gone.
+            "workers": [{"generation": g.number, "state": g.state.value, "pid": g.process.pid,
+                         "pss_kib": g.process.pss_kib}
+                        for g in self._gens.values() if g.state in LIVE],
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
             "checkpoint": self._checkpoint,

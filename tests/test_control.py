@@ -80,6 +80,31 @@ def test_status_prints_a_table_and_the_json_of_the_design(hotsup: MakeHotsup) ->
     assert row.split()[:4] == ["counter", "running", "1", str(bundle["pid"])]
 
 
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+
+
+def test_status_reports_each_workers_pss(hotsup: MakeHotsup) -> None:
+    sup, _ = start_counter(hotsup)
+    first = sup.status()["counter"]
+    assert first["pss_kib"] > 0
+    # Its own reading, a moment apart: the same worker within a margin.
+    assert abs(first["pss_kib"] - _pss_kib(first["pid"])) <= 0.25 * first["pss_kib"]
+    assert [(w["generation"], w["state"], w["pid"]) for w in first["workers"]] == \
+        [(1, "ready", first["pid"])]
+    done = sup.cli("reload", "counter")
+    assert done.returncode == 0, done.stderr
+    # Generation 1 is held on probation (5 s by default): it still costs memory.
+    after = sup.status()["counter"]
+    workers = {w["generation"]: w for w in after["workers"]}
+    assert workers[1]["state"] == "held" and workers[2]["state"] == "ready"
+    assert all(w["pss_kib"] > 0 for w in workers.values())
+    assert workers[2]["pid"] == after["pid"]
+    table = sup.cli("status").stdout.splitlines()
+    assert table[0].split()[7] == "PSS" and table[1].split()[7].endswith("M")
+
+
 #: What a command to a running supervisor must not import: the event loop, the
 #: watcher, the whole config's validation (each costs a fresh process tens of ms).
 NOT_FOR_CLIENTS = ("asyncio", "uvloop", "watchfiles", "hotsup.supervisor.config",

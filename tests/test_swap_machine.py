@@ -45,6 +45,7 @@ class FakeWorker:
         self.script = script
         self.pid: int | None = 10_000 + number
         self.log_dropped = 0
+        self.pss_kib: int | None = None
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.calls: list[str] = []
         self.restored: bytes | None = None
