@@ -738,7 +738,12 @@ class BundleRunner:
     def _arm_ping(self, gen: Generation) -> None:
         interval = gen.spec.timing.ping_interval
         if interval > 0:
-            self._timers.arm("ping", interval, PingDue(gen))
+            # Due on a tick common to every bundle with this interval (a
+            # multiple of it on the loop's clock), not ``interval`` after this
+            # bundle's last one: 50 idle bundles wake the supervisor once per
+            # interval for all their pings, not 50 times.
+            now = asyncio.get_running_loop().time()
+            self._timers.arm("ping", interval - now % interval, PingDue(gen))
 
     def _arm_checkpoint(self, gen: Generation) -> None:
         interval = gen.spec.timing.checkpoint_interval

@@ -565,6 +565,20 @@ def test_a_generation_that_does_not_answer_pings_is_killed_and_restarted(
     run(test, tmp_path, "ping_interval = 0.05\nping_timeout = 0.1\n")
 
 
+def test_pings_are_due_on_a_tick_every_bundle_shares(tmp_path: Path) -> None:
+    """Idle bundles wake the supervisor once per ping_interval for all their
+    pings: each is due on a multiple of the interval (the loop's clock), not
+    ``interval`` after that bundle's own last ping."""
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        for pings in range(1, 4):  # the first, and after the answers came back
+            await until(lambda n=pings: world.workers[1].calls.count("ping") >= n, "pinged")
+            await until(lambda: world.runner._timers.armed("ping"), "the next ping armed")
+            due = world.runner._timers._armed["ping"].when()
+            assert abs(due - round(due / 0.25) * 0.25) < 0.002, due  # µs of arming
+    run(test, tmp_path, "ping_interval = 0.25\n")
+
+
 def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(
         tmp_path: Path, store: CheckpointStore) -> None:
 
