@@ -178,6 +178,15 @@ class FilesChanged(Command):
     paths: frozenset[Path] = frozenset()
 
 
+@dataclass(frozen=True)
+class FilesChanging(Command):
+    """Files are changing under a watched directory (the watcher's early word,
+    before the quiet period): the bundles there may load their next generation
+    ahead, so that when the quiet period ends only the switch is left."""
+
+    paths: frozenset[Path] = frozenset()
+
+
 #: Every command a control request may name, by its wire name.
 WIRE: Final[dict[str, type[Command]]] = {
     cls.wire: cls for cls in (Status, Reload, Stop, Run, Logs, Shutdown, PushBegin, PushFiles,

@@ -19,6 +19,11 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
     overlap mode:
         N+1.start() ...................... READY      (both accept)
     hold N for probation ................. N: HELD    (paused, still loaded)
+
+A change seen by the watcher (``LoadAhead``, before its quiet period ends)
+spawns and loads N+1 at once, while N serves; more changes drop it and load
+again. The pass after the quiet period then starts from LOADED if the content
+is still what N+1 loaded (``Ahead``): the quiet period hides spawn and import.
     probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
@@ -56,6 +61,7 @@ from .mailbox import (
     CheckpointDue,
     Event,
     Exited,
+    LoadAhead,
     Mailbox,
     Pass,
     PingDone,
@@ -116,6 +122,21 @@ class Kept:
 
     generation: int
     data: bytes
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A generation loaded ahead of its pass (``LoadAhead``), and the content
+    digest taken just before it was spawned: any later change is a newer event."""
+
+    digest: str
+    spec: BundleSpec
+    gen: Generation
+
+
+#: The events that leave a generation loaded ahead in place: any other (a stop,
+#: a rename, a crash, a restart) drops it first (see ``BundleRunner._loop``).
+_KEEP_AHEAD = (LoadAhead, Pass, PingDue, PingDone, CheckpointDue, ProbationOver, Retired)
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,8 @@ class BundleRunner:
         self._timers = Timers(self._mailbox)
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
+        self._ahead: Ahead | None = None  # N+1 loaded during the quiet period
+        self._loading_ahead = False  # ... being spawned and loaded now
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -196,6 +219,7 @@ class BundleRunner:
         self.swap_times = SwapTimes()  # durations of the swaps that served
         self._handlers: dict[type[Event], Callable[[Any], Coroutine[Any, Any, Outcome | None]]] = {
             Pass: self._on_pass,
+            LoadAhead: self._on_load_ahead,
             StopAsked: self._on_stop,
             RunAsked: self._on_run,
             Renamed: self._on_renamed,
@@ -215,6 +239,10 @@ class BundleRunner:
         self._task = asyncio.ensure_future(self._loop())
 
     # -- what the supervisor asks ----------------------------------------------------
+
+    def load_ahead(self) -> None:
+        """Files are changing: load the next generation now, swap at the pass."""
+        self._mailbox.put(LoadAhead())
 
     def request(self, force: bool = False) -> None:
         """Ask for a pass: a swap if the content changed (or always, if ``force``)."""
@@ -260,8 +288,11 @@ class BundleRunner:
         """Derived from the generations, never assigned."""
         if self._closed or self._down:
             return BundleState.STOPPED
-        bringing_up = self._spawning is not None or any(
-            gen.state in (_S.SPAWNING, _S.LOADED) for gen in self._gens.values())
+        # A generation loaded ahead is not a swap yet: the pass decides.
+        ahead = self._ahead.gen if self._ahead is not None else None
+        bringing_up = (self._spawning is not None and not self._loading_ahead) or any(
+            gen.state in (_S.SPAWNING, _S.LOADED) and gen is not ahead
+            for gen in self._gens.values())
         if self.current is not None:
             return BundleState.SWAPPING if bringing_up else BundleState.RUNNING
         if bringing_up or self._timers.armed("restart") or self._passes == 0:
@@ -317,6 +348,7 @@ class BundleRunner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._ahead = None  # LOADED: discarded below with the others
         self._timers.cancel_all()
         for ping in list(self._pings):
             ping.cancel()
@@ -361,6 +393,8 @@ class BundleRunner:
             outcome: Outcome | None = _CLOSING
             self._warnings = []
             try:
+                if self._ahead is not None and self._drops_ahead(event):
+                    await self._drop_ahead(f"{type(event).__name__} came first")
                 outcome = await self._handlers[type(event)](event)
             except Exception:
                 self.log.exception("%s: internal error in the swap loop", self.name)
@@ -386,12 +420,80 @@ class BundleRunner:
     # -- the handlers: each returns how it went (None: nothing to say) ---------------------
 
     async def _on_pass(self, event: Pass) -> Outcome:
-        if self._down:
-            return Outcome(Result.STOPPED, f"stopped (`hotsup run {self.name}` brings it back)")
-        if self.current is not None and self.current.process.exited.done():
-            return await self._recover(self.current)  # its Exited event is still queued
-        return await self._advance(event.force, restarting=False,
-                                   discard_state=event.discard_state)
+        try:
+            if self._down:
+                return Outcome(Result.STOPPED,
+                               f"stopped (`hotsup run {self.name}` brings it back)")
+            if self.current is not None and self.current.process.exited.done():
+                return await self._recover(self.current)  # its Exited event is still queued
+            return await self._advance(event.force, restarting=False,
+                                       discard_state=event.discard_state)
+        finally:
+            if self._ahead is not None:  # the pass did not want it (no change, a restart)
+                await self._drop_ahead("the pass did not use it")
+
+    async def _on_load_ahead(self, event: LoadAhead) -> None:
+        """Spawn and load (not start) the next generation while the current one
+        serves: what the pass after the quiet period would do first. Nothing is
+        reported: a failure here is the pass's to find again and report."""
+        if self._ahead is not None:
+            await self._drop_ahead("newer changes")
+        current = self.current
+        if self._mailbox.waiting(LoadAhead) or self._down or current is None \
+                or current.state is not _S.READY:
+            return None  # a newer one follows, or there is nothing to swap from
+        digest = await self.svc.digest(self.source)
+        if digest is None or digest == self._tried:
+            return None  # a touch, or back to what serves: no swap will come
+        try:
+            spec = load_bundle(self.source, self.svc.config)
+        except ConfigError:
+            return None
+        self._loading_ahead = True
+        try:
+            new = await self._spawn(spec)
+        except SwapAborted:
+            return None
+        finally:
+            self._loading_ahead = False
+        self._ahead = Ahead(digest, spec, new)
+        self._loading_ahead = True
+        try:
+            await new.load()
+        except SwapAborted as exc:
+            await self._drop_ahead(str(exc))
+            return None
+        finally:
+            self._loading_ahead = False
+        self.log.debug("%s: loaded ahead of the pass", new.tag)
+        return None
+
+    def _drops_ahead(self, event: Event) -> bool:
+        if isinstance(event, Exited):  # its own death, or the one it would replace
+            return self._ahead is not None and event.gen in (self._ahead.gen, self.current)
+        return not isinstance(event, _KEEP_AHEAD)
+
+    def _take_ahead(self, digest: str, spec: BundleSpec) -> Generation | None:
+        """The generation loaded ahead, if it loaded this very content and spec."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.digest == digest and ahead.spec == spec and ahead.gen.state is _S.LOADED \
+                and not ahead.gen.process.exited.done():
+            return ahead.gen
+        self._ahead = ahead  # the pass's finally drops it
+        return None
+
+    async def _drop_ahead(self, why: str) -> None:
+        """Kill the generation loaded ahead. It never served: its number goes
+        to the next generation, so numbers count the generations passes made."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        await ahead.gen.discard(f"loaded ahead, dropped: {why}")
+        self._forget(ahead.gen)
+        if self._number == ahead.gen.number:
+            self._number -= 1
 
     async def _on_stop(self, event: StopAsked) -> Outcome:
         if self._down and not any(gen.state in LIVE for gen in self._gens.values()):
@@ -549,7 +651,7 @@ class BundleRunner:
                 kept = await self._read_checkpoint()
                 self._kept = kept or self._kept
             return await self._start(spec, restarting)
-        return await self._swap(spec, started, discard_state)
+        return await self._swap(spec, started, discard_state, self._take_ahead(digest, spec))
 
     async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""
@@ -581,19 +683,26 @@ class BundleRunner:
         self.last_error = None  # a start of new content, or `hotsup run`: the old error is past
         return Outcome(Result.STARTED, f"{new.tag} serving")
 
-    async def _swap(self, spec: BundleSpec, started: float, discard_state: bool) -> Outcome:
+    async def _swap(self, spec: BundleSpec, started: float, discard_state: bool,
+                    ahead: Generation | None = None) -> Outcome:
+        """Swap to ``spec``: from ``ahead`` if a generation of it was loaded
+        ahead (LOADED already), else from a new spawn."""
         old = self.current
         assert old is not None
         self._end_probation()  # newer code serves: the one held before it is obsolete
-        try:
-            new = await self._spawn(spec)
-        except SwapAborted as exc:
-            return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
-                                      Result.ROLLED_BACK)
+        if ahead is not None:
+            new = ahead
+        else:
+            try:
+                new = await self._spawn(spec)
+            except SwapAborted as exc:
+                return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
+                                          Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: bytes | None = None
         try:
-            await new.load()
+            if new.state is _S.SPAWNING:
+                await new.load()
             if old.hands_over_to(new) and not discard_state:
                 paused_at = time.monotonic()
                 snapshot = await old.pause()
