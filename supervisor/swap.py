@@ -134,6 +134,20 @@ class Ahead:
     gen: Generation
 
 
+class Phases:
+    """Where one swap's time went, step by step (``last_swap_phases`` in
+    status): milliseconds since the step before, in the order they ran."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+
 #: The events that leave a generation loaded ahead in place: any other (a stop,
 #: a rename, a crash, a restart) drops it first (see ``BundleRunner._loop``).
 _KEEP_AHEAD = (LoadAhead, Pass, PingDue, PingDone, CheckpointDue, ProbationOver, Retired)
@@ -188,6 +202,8 @@ class BundleRunner:
         self.last_swap_ms: float | None = None
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None  # unix time
+        self.last_swap_phases: dict[str, float] = {}  # the last swap's Phases
+        self._phases = Phases()  # the pass being made's
         self._gens: dict[int, Generation] = {}  # every generation not yet reaped
         self._number = 0  # the last generation number given
         self._kept: Kept | None = None  # the newest state
@@ -322,6 +338,7 @@ class BundleRunner:
             "uptime": _round(time.monotonic() - gen.serving_since)
             if gen and gen.serving_since is not None else None,
             "last_swap_at": self.last_swap_at,
+            "last_swap_phases": self.last_swap_phases,
             "log_dropped": gen.process.log_dropped if gen else 0,
             "pss_kib": gen.process.pss_kib if gen else None,
             # Every live worker, the serving one too: a held or retiring
@@ -623,7 +640,9 @@ class BundleRunner:
                        discard_state: bool = False) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
+        self._phases = phases = Phases()
         digest = await self.svc.digest(self.source)
+        phases.mark("digest")
         if digest is None:  # the supervisor removes us
             return Outcome(Result.UNCHANGED, "the bundle directory is gone")
         if not force and digest == self._tried:
@@ -645,6 +664,7 @@ class BundleRunner:
             return self._record_error(message, Result.FAILED)
         if discard_state:
             await self._drop_state()
+        phases.mark("manifest")
         if self.current is None:
             if not self._disk_read:
                 self._disk_read = True
@@ -690,8 +710,10 @@ class BundleRunner:
         old = self.current
         assert old is not None
         self._end_probation()  # newer code serves: the one held before it is obsolete
+        phases = self._phases
         if ahead is not None:
             new = ahead
+            phases.ms["loaded_ahead"] = 1.0
         else:
             try:
                 new = await self._spawn(spec)
@@ -700,15 +722,19 @@ class BundleRunner:
                                           Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: bytes | None = None
+        phases.mark("spawn")
         try:
             if new.state is _S.SPAWNING:
                 await new.load()
+            phases.mark("load")
             if old.hands_over_to(new) and not discard_state:
                 paused_at = time.monotonic()
                 snapshot = await old.pause()
+                phases.mark("pause_snapshot")
                 await new.begin(snapshot)
             else:
                 await new.begin(None)
+            phases.mark("restore_start")
         except Exception as exc:
             await new.discard(str(exc))
             self._forget(new)
@@ -741,9 +767,13 @@ class BundleRunner:
             "without state" if discard_state else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
                       self.last_swap_ms, mode, self.last_pause_ms)
+        phases.mark("log")
         await self._hold(old, new.spec.timing.probation)
+        phases.mark("hold")
         if snapshot is not None:
             await self._keep(snapshot, old)
+            phases.mark("keep_state")
+        self.last_swap_phases = phases.ms
         return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
                                        f"{self.last_pause_ms:.1f} ms)")
 
