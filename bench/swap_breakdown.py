@@ -77,13 +77,13 @@ def run_reloads(reloads: int, log_level: str) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steps = {step: median(values) for step, values in phases.items()}
-    wall = median(walls)
-    duration = median(durations)
+    wall_p50 = median(walls)
+    duration_p50 = median(durations)
     return {"log_level": log_level, "reloads": reloads, "phases_ms_p50": steps,
             "phases_sum_ms": round(sum(v for v in steps.values() if v is not None), 2),
             "duration_ms": figures(durations), "wall_ms": figures(walls),
-            "outside_supervisor_ms_p50": round(wall - duration, 1)
-            if wall is not None and duration is not None else None,
+            "outside_supervisor_ms_p50": round(wall_p50 - duration_p50, 1)
+            if wall_p50 is not None and duration_p50 is not None else None,
             "supervisor_exit_status": exit_status}
 
 
