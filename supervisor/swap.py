@@ -19,12 +19,12 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
     overlap mode:
         N+1.start() ...................... READY      (both accept)
     hold N for probation ................. N: HELD    (paused, still loaded)
+    probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
 A change seen by the watcher (``LoadAhead``, before its quiet period ends)
 spawns and loads N+1 at once, while N serves; more changes drop it and load
 again. The pass after the quiet period then starts from LOADED if the content
 is still what N+1 loaded (``Ahead``): the quiet period hides spawn and import.
-    probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
 the old generation keeps serving with its state, and the error is reported.
