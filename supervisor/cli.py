@@ -23,12 +23,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .commands import WIRE
-from .config import ConfigError, check, load_config, preload_conflicts, run_dir_of
+# Only what every command needs: a command to a running supervisor is a fresh
+# process each time, and its imports were most of its time (`start` imports
+# the event loop, `logs` the records, `push --watch` watchfiles, `--help` the
+# commands' help lines: each its own).
 from .control import ControlClient, ControlError, RemoteClient, Unreachable
-from .logs import LogRecord
+
+if TYPE_CHECKING:
+    from .logs import LogRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -41,6 +45,8 @@ class UsageError(Exception):
 
 
 def _start(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config, preload_conflicts
+
     try:
         config = load_config(Path(args.config))
         conflicts = preload_conflicts(config, list(config.sources().values()))
@@ -56,6 +62,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .config import check
+
     problems = check(Path(args.config))
     for line in problems:
         print(line, file=sys.stderr)
@@ -101,10 +109,12 @@ def _client(args: argparse.Namespace) -> ControlClient | RemoteClient:
 
 
 def _run_dir(config: Path) -> Path:
+    from .rundir import RunDirError, run_dir_of
+
     try:
         return run_dir_of(config)
-    except ConfigError as exc:
-        raise UsageError(exc.problems[0] + " (use -c FILE or HOTSUP_RUN_DIR)") from None
+    except RunDirError as exc:
+        raise UsageError(f"{exc} (use -c FILE or HOTSUP_RUN_DIR)") from None
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -113,8 +123,8 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({"bundles": result["bundles"], "supervisor": result["supervisor"]},
                          indent=2))
         return EXIT_OK
-    rows = [["BUNDLE", "STATE", "GEN", "PID", "UPTIME", "RESTARTS", "VERSION", "LAST SWAP",
-             "LAST ERROR"]]
+    rows = [["BUNDLE", "STATE", "GEN", "PID", "UPTIME", "RESTARTS", "VERSION", "PSS",
+             "LAST SWAP", "LAST ERROR"]]
     for b in result["bundles"]:
         swap = "-"
         if b.get("last_swap_at") is not None:
@@ -122,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
             swap += f" ({b['last_swap_ms']:g} ms)"
         rows.append([b["name"], b["state"], _text(b["generation"]), _text(b["pid"]),
                      _duration(b.get("uptime")), str(b["restarts"]), _text(b["version"]),
-                     swap, _text(b["last_error"])])
+                     _mib(b.get("pss_kib")), swap, _text(b["last_error"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
@@ -166,6 +176,8 @@ def _reports(reports: list[dict[str, Any]], as_json: bool) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
+    from .logs import LogRecord
+
     client = _client(args)
     show: Callable[[LogRecord], str] = LogRecord.as_json if args.json else LogRecord.as_text
     result = client.request("logs", QUERY_TIMEOUT, name=args.name, after=0, limit=args.lines)
@@ -179,6 +191,8 @@ def _logs(args: argparse.Namespace) -> int:
 def _follow(client: ControlClient | RemoteClient, name: str | None,
             show: Callable[[LogRecord], str], last: int) -> int:
     """Print the records after ``last`` as they come, until the supervisor goes."""
+    from .logs import LogRecord
+
     wait = 2.0
     try:
         while True:
@@ -226,6 +240,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from .logs import LogRecord
     from .push import PushError, send
 
     directory = Path(args.dir).absolute()
@@ -257,6 +272,7 @@ def _watch(args: argparse.Namespace, client: ControlClient | RemoteClient, direc
 
     import watchfiles
 
+    from .logs import LogRecord
     from .push import PushError, send
     from .watcher import ignored
 
@@ -304,6 +320,7 @@ def _watch(args: argparse.Namespace, client: ControlClient | RemoteClient, direc
 # -- a new bundle --------------------------------------------------------------------
 
 def _new(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
     from .scaffold import ScaffoldError, create
 
     if args.dir is not None:
@@ -355,6 +372,10 @@ def _text(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}M"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -368,7 +389,12 @@ def _duration(seconds: float | None) -> str:
 
 # -- the parser ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(helps: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser; ``helps``: with each command's help line, which
+    only ``hotsup --help`` shows (they come from ``commands``, which the other
+    commands need not import)."""
+    if helps:
+        from .commands import WIRE
     parser = argparse.ArgumentParser(
         prog="hotsup",
         description="A process-isolated reloading supervisor for Python bundles.",
@@ -389,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     def remote(name: str, func: Callable[[argparse.Namespace], int],
                timeout: float | None = None, what: str | None = None
                ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=what or WIRE[name].help())
+        sub = commands.add_parser(name, help=what or (WIRE[name].help() if helps else None))
         sub.add_argument("-c", "--config", metavar="FILE",
                          help="the supervisor's config.toml (default: $HOTSUP_RUN_DIR, "
                               "else ./config.toml)")
@@ -475,7 +501,8 @@ def _merge_config(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = build_parser(helps=any(arg in ("-h", "--help") for arg in given)).parse_args(given)
     try:
         _merge_config(args)
         code: int = args.func(args)

@@ -15,12 +15,14 @@ work is done (a reload: when its swap finished) or failed with a
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeAlias
 
-Reply = asyncio.Future[Any]
+if TYPE_CHECKING:  # the command line imports this module: asyncio only for the types
+    import asyncio
+
+Reply: TypeAlias = "asyncio.Future[Any]"
 
 #: The longest a ``logs`` request may wait for a new record (seconds).
 MAX_WAIT: Final = 5.0
@@ -172,6 +174,15 @@ class PushCommit(Command):
 @dataclass(frozen=True)
 class FilesChanged(Command):
     """Files changed under a watched directory (from the watcher)."""
+
+    paths: frozenset[Path] = frozenset()
+
+
+@dataclass(frozen=True)
+class FilesChanging(Command):
+    """Files are changing under a watched directory (the watcher's early word,
+    before the quiet period): the bundles there may load their next generation
+    ahead, so that when the quiet period ends only the switch is left."""
 
     paths: frozenset[Path] = frozenset()
 

@@ -29,6 +29,8 @@ from typing import Any
 from hotsup.worker import importer
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
+from . import rundir
+
 MANIFEST = "bundle.toml"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -381,21 +383,6 @@ def _table(data: dict[str, Any], key: str, problems: _Problems, prefix: str = ""
     return value
 
 
-def run_dir_of(path: Path) -> Path:
-    """The run_dir config.toml names, reading nothing else of it (the control
-    commands need only that, even when another key is broken)."""
-    path = path.resolve() if path.exists() else path.absolute()
-    problems = _Problems(path)
-    data = _read_toml(path, problems)
-    if data is None:
-        raise ConfigError(problems.lines)
-    sup = _table(data, "supervisor", problems)
-    run_dir = _string(sup, "run_dir", ".hotsup", "supervisor.", problems)
-    if problems.lines:
-        raise ConfigError(problems.lines)
-    return _normal(path.parent / run_dir)
-
-
 def load_config(path: Path) -> Config:
     """Read and validate config.toml; raises ConfigError listing every problem."""
     config, problems = _read_config(path)
@@ -419,7 +406,8 @@ def _read_config(path: Path) -> tuple[Config | None, list[str]]:
     _unknown(sup, _SUPERVISOR_KEYS, "supervisor.", problems)
     bundles_dir_text = _string(sup, "bundles_dir", "bundles", "supervisor.", problems)
     implicit_bundles_dir = "bundles_dir" not in sup
-    run_dir = _normal(base / _string(sup, "run_dir", ".hotsup", "supervisor.", problems))
+    run_dir = rundir.resolve(base, _string(sup, "run_dir", rundir.DEFAULT, "supervisor.",
+                                           problems))
     preload = sup.get("preload", [])
     if not isinstance(preload, list) or not all(isinstance(p, str) for p in preload):
         problems.add("supervisor.preload", f"expected a list of module names, got "

@@ -1,14 +1,15 @@
 """The control plane: how ``hotsup status|reload|stop|run|logs|shutdown`` talk
-to a running supervisor. Both ends live here; this docstring is the protocol.
+to a running supervisor. This docstring is the protocol; the command line's
+end lives here, the supervisor's in ``control_server``.
 
 Transport: ZeroMQ. A ROUTER is bound on ``ipc://<run_dir>/control`` (by a
 process of the supervisor's own, ``control_endpoint``, which says why);
 run_dir is 0700 and the socket file 0600, so only their owner can connect
 (ipc sockets are files; abstract ``ipc://@name`` ones would be open to every
-local user). A client connects a DEALER, sends one request and waits for its
-reply with a deadline. The server refuses requests over ``MAX_REQUEST`` bytes
-(ZeroMQ drops such a peer), answers anything malformed with an error reply,
-and never lets input raise.
+local user). A client connects a DEALER (the command line's speaks ZMTP itself,
+``zmtp``), sends one request and waits for its reply with a deadline. The
+server refuses requests over ``MAX_REQUEST`` bytes (ZeroMQ drops such a peer),
+answers anything malformed with an error reply, and never lets input raise.
 
 Version 1. A request is one frame, a UTF-8 JSON object::
 
@@ -27,7 +28,8 @@ Commands (``args`` -> ``result``); each one's arguments are checked against its
   (name, state, generation, pid, restarts, version, last_swap_ms,
   last_pause_ms, last_error) and uptime (seconds the serving generation has
   served), last_swap_at (unix time), log_dropped (its log lines dropped for
-  flooding), swaps, sockets.
+  flooding), swaps, sockets, pss_kib (the serving worker's proportional set
+  size, KiB) and workers (each live worker: generation, state, pid, pss_kib).
 * ``reload`` {"name": str or null (all)} -> ``{"bundles": [report, ...]}``, sent
   when every swap asked for has finished.
 * ``stop`` {"name"} / ``run`` {"name"} -> a report, once the bundle is down / up.
@@ -50,42 +52,24 @@ and "failed".
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+# The command line imports this module for its client: nothing here may pull
+# in asyncio, and zmq is imported by the client that uses it (``hotsup status``
+# is a fresh process each time, and those imports were most of its time).
 import errno
 import json
-import logging
 import os
-import secrets
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-import zmq
-import zmq.asyncio
-
-from . import control_endpoint
-from .commands import WIRE
-from .control_endpoint import Unpacker
-
-log = logging.getLogger("hotsup")
+if TYPE_CHECKING:
+    import zmq
 
 VERSION: Final = 1
 #: The largest request the supervisor accepts (bytes).
 MAX_REQUEST: Final = 64 * 1024
-#: Requests answered at once; more are refused until some are done.
-MAX_INFLIGHT: Final = 64
-#: Seconds the control endpoint process gets to listen, at start and after a crash.
-START_TIMEOUT: Final = 10.0
-#: Seconds between the death of the control endpoint process and its successor.
-RESTART_DELAY: Final = 1.0
 #: The name of the control socket inside run_dir.
 SOCKET_NAME: Final = "control"
 
@@ -108,8 +92,7 @@ class Unreachable(Exception):
     """No supervisor answered: none is running, it is not ours, or it did not reply."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):  # not a dataclass: importing dataclasses costs a command ~10 ms
     """A valid request: ``cmd`` is one of ``commands.WIRE``, ``args`` fit its ``ARGS``."""
 
     cmd: str
@@ -131,6 +114,8 @@ def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
         raise BadRequest("the request is not a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest("the request is not a JSON object")
+    from .commands import WIRE  # the supervisor's end only: the client never needs it
+
     request_id = body.get("id")
     if not isinstance(request_id, str | int | _NONE) or isinstance(request_id, bool):
         request_id = None
@@ -151,6 +136,8 @@ def parse_request(frames: list[bytes]) -> tuple[Any, Request]:
 
 
 def _check_args(cmd: str, args: dict[str, Any]) -> None:
+    from .commands import WIRE
+
     accepted = WIRE[cmd].ARGS
     for name in args:
         if name not in accepted:
@@ -168,20 +155,6 @@ def _check_args(cmd: str, args: dict[str, Any]) -> None:
             raise ControlError(f"{cmd}: argument {name!r} is out of range")
 
 
-async def wind_down(receiver: asyncio.Task[None] | None, tasks: set[asyncio.Task[None]],
-                    grace: float = 1.0) -> None:
-    """Stop a server's ``receiver`` taking requests, give the answers on their way
-    (``tasks``) ``grace`` seconds to leave, then cancel what is left."""
-    if receiver is not None:
-        receiver.cancel()
-        await asyncio.gather(receiver, return_exceptions=True)
-    if tasks:
-        await asyncio.wait(tasks, timeout=grace)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def make_reply(request_id: Any, result: Any = None, error: str | None = None) -> bytes:
     body: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": error is None}
     if error is None:
@@ -191,173 +164,17 @@ def make_reply(request_id: Any, result: Any = None, error: str | None = None) ->
     return json.dumps(body).encode()
 
 
-# -- the supervisor's end ---------------------------------------------------------
-
-#: Carries out a valid request: returns a future of its result, or raises
-#: ControlError (or sets it on the future) when it cannot.
-Submit = Callable[[Request], "asyncio.Future[Any]"]
-
-
-class ControlServer:
-    """The supervisor's end of the control socket. Each request is answered
-    by its own task, so a ``reload`` that waits for its swap does not hold up
-    ``status``.
-
-    The ROUTER itself lives in a process of its own (``control_endpoint``,
-    which says why); this relays to it over a socketpair and starts a new one
-    whenever it dies (a flood of connections can make libzmq abort it),
-    ``RESTART_DELAY`` later.
-    """
-
-    def __init__(self, run_dir: Path, submit: Submit) -> None:
-        self.path = run_dir / SOCKET_NAME
-        self._endpoint = endpoint(run_dir)
-        self._submit = submit
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._receiver: asyncio.Task[None] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def start(self) -> None:
-        """Listen: returns once the control socket accepts connections."""
-        await self._launch()
-        self._receiver = asyncio.ensure_future(self._receive())
-
-    async def _launch(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # fork+exec of a fresh interpreter, as for the zygote (never a bare
-            # fork of this process); its own process group, so a terminal's
-            # Ctrl-C reaches only us. EOF on the link ends it.
-            self._proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, returns at once
-                [sys.executable, "-P", "-m", "hotsup.supervisor.control_endpoint",
-                 "--link", str(theirs.fileno()), "--endpoint", self._endpoint,
-                 "--path", str(self.path), "--max-request", str(MAX_REQUEST)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, process_group=0)
-        finally:
-            theirs.close()
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        unpacker = Unpacker(control_endpoint.MAX_REPLY)
-        try:
-            messages = await asyncio.wait_for(self._read(unpacker), START_TIMEOUT)
-        except (TimeoutError, ValueError):
-            messages = []
-        if messages[:1] != [[b"ready"]]:
-            await self._stop_endpoint()
-            raise ControlError(f"the control endpoint did not start (is {self.path} "
-                               f"writable?)")
-        self._unpacker = unpacker
-
-    async def _read(self, unpacker: Unpacker) -> list[list[bytes]]:
-        """The next messages from the endpoint process; [] at EOF."""
-        assert self._reader is not None
-        while True:
-            data = await self._reader.read(1 << 16)
-            if not data:
-                return []
-            messages = unpacker.feed(data)
-            if messages:
-                return messages
-
-    async def _receive(self) -> None:
-        while True:
-            try:
-                messages = await self._read(self._unpacker)
-            except ValueError as exc:  # the endpoint process is ours: should never happen
-                log.error("control: malformed message from the endpoint process: %s", exc)
-                messages = []
-            if not messages:
-                await self._relaunch()
-                continue
-            for frames in messages:
-                self._dispatch(frames[0], frames[1:])
-
-    async def _relaunch(self) -> None:
-        code = await self._stop_endpoint()
-        log.error("control: the control endpoint process exited (%s); starting a new one in "
-                  "%gs", _describe_code(code), RESTART_DELAY)
-        while True:
-            await asyncio.sleep(RESTART_DELAY)  # backoff: a flood may go on
-            try:
-                await self._launch()
-            except (ControlError, OSError) as exc:
-                log.error("control: %s; trying again", exc)
-                continue
-            log.warning("control: listening again")
-            return
-
-    def _dispatch(self, route: bytes, body: list[bytes]) -> None:
-        if len(self._tasks) >= MAX_INFLIGHT:
-            task = asyncio.ensure_future(
-                self._send(route, make_reply(None, error="too many requests in flight")))
-        else:
-            task = asyncio.ensure_future(self._answer(route, body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        """Stop taking requests; let answers already on their way leave (1 s at
-        most), then close."""
-        await wind_down(self._receiver, self._tasks)
-        await self._stop_endpoint()
-
-    async def _stop_endpoint(self) -> int | None:
-        """Close the link (the endpoint process exits on EOF, its LINGER
-        letting the last replies leave), wait for it, kill it if it will not
-        go. Its exit code."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = self._reader = None
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        try:
-            return await asyncio.to_thread(proc.wait, 5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return await asyncio.to_thread(proc.wait)
-
-    async def _answer(self, route: bytes, body: list[bytes]) -> None:
-        request_id: Any = None
-        try:
-            request_id, request = parse_request(body)
-            result = await self._submit(request)
-            reply = make_reply(request_id, result)
-        except BadRequest as exc:
-            reply = make_reply(exc.request_id, error=str(exc))
-        except ControlError as exc:
-            reply = make_reply(request_id, error=str(exc))
-        except Exception:
-            log.exception("control: failed to answer a request")
-            reply = make_reply(request_id, error="internal error (see the supervisor's log)")
-        await self._send(route, reply)
-
-    async def _send(self, route: bytes, reply: bytes) -> None:
-        writer = self._writer
-        if writer is None:  # the endpoint process died with the client's connection
-            return
-        try:
-            writer.write(control_endpoint.pack([route, reply]))
-            await writer.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("control: reply not delivered: %s", exc)
-
-
-def _describe_code(code: int | None) -> str:
-    if code is None:
-        return "gone"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"code {code}"
-
-
 # -- the command line's end ---------------------------------------------------------
 
 def probe(run_dir: Path) -> None:
     """Raise Unreachable, with a one-line reason, unless a supervisor listens
     on run_dir's control socket and we may talk to it."""
+    connect(run_dir).close()
+
+
+def connect(run_dir: Path) -> socket.socket:
+    """A stream socket connected to run_dir's control socket; Unreachable, with
+    a one-line reason, if no supervisor listens there or we may not talk to it."""
     path = run_dir / SOCKET_NAME
     try:
         info = os.stat(run_dir)
@@ -371,24 +188,32 @@ def probe(run_dir: Path) -> None:
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise Unreachable(f"{run_dir} is open to other users (mode "
                           f"{stat.S_IMODE(info.st_mode):o}); a supervisor makes it 0700")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, FileNotFoundError):
             raise Unreachable(f"no hotsup is running with run_dir {run_dir}") from None
-        except ConnectionRefusedError:
+        if isinstance(exc, ConnectionRefusedError):
             raise Unreachable(f"no hotsup is running with run_dir {run_dir} (its control "
                               f"socket was left by a supervisor that died)") from None
-        except PermissionError:
+        if isinstance(exc, PermissionError):
             raise Unreachable(f"permission denied: {path}") from None
-        except OSError as exc:
+        if isinstance(exc, OSError):
             if exc.errno != errno.ENAMETOOLONG:
                 raise Unreachable(f"cannot connect to {path}: {exc.strerror}") from None
             raise Unreachable(f"{path}: the path is too long for a unix socket") from None
+        raise
+    return sock
 
 
 class ControlClient:
-    """A synchronous client: one request, one reply, each with a deadline."""
+    """A synchronous client: one request, one reply, each with a deadline.
+
+    It speaks ZMTP itself (``zmtp``: a DEALER's side, NULL security) on the
+    ipc endpoint's unix socket rather than through pyzmq: a command is a fresh
+    process, and pyzmq's import and context were a third of its time."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -396,29 +221,29 @@ class ControlClient:
     def request(self, cmd: str, timeout: float, **args: Any) -> Any:
         """The command's result. Unreachable if no supervisor answers within
         ``timeout`` seconds; ControlError if it answered with an error."""
-        probe(self.run_dir)
-        request_id = secrets.token_hex(8)
-        zctx = zmq.Context()
-        sock = zctx.socket(zmq.DEALER)
+        from . import zmtp
+
+        deadline = time.monotonic() + timeout
+        request_id = os.urandom(8).hex()
+        sock = connect(self.run_dir)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint(self.run_dir))
-            sock.send(json.dumps({"v": VERSION, "id": request_id, "cmd": cmd,
-                                  "args": args}).encode())
-            deadline = time.monotonic() + timeout
+            dealer = zmtp.Dealer(sock, deadline)
+            dealer.send(json.dumps({"v": VERSION, "id": request_id, "cmd": cmd,
+                                    "args": args}).encode())
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                    raise Unreachable(f"the supervisor did not answer {cmd!r} within "
-                                      f"{timeout:g}s")
-                reply = json.loads(sock.recv())
+                reply = json.loads(dealer.recv())
                 # A fresh socket hears only about its own request: id null is
                 # a refusal that came before the id was read (too many requests).
                 if isinstance(reply, dict) and reply.get("id") in (request_id, None):
                     break
+        except TimeoutError:
+            raise Unreachable(f"the supervisor did not answer {cmd!r} within "
+                              f"{timeout:g}s") from None
+        except (zmtp.ProtocolError, OSError, ValueError) as exc:
+            raise Unreachable(f"the control socket in {self.run_dir} broke off {cmd!r}: "
+                              f"{exc}") from None
         finally:
             sock.close()
-            zctx.term()
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "the supervisor refused the request")))
         return reply.get("result")
@@ -432,6 +257,7 @@ class RemoteClient:
     connection for all its requests (``close()`` it)."""
 
     def __init__(self, endpoint: str, secret_key: str, server_key: str) -> None:
+        import zmq
         import zmq.auth
 
         self.endpoint = endpoint
@@ -473,7 +299,9 @@ class RemoteClient:
         """The command's result. Unreachable if no answer comes within ``timeout``
         seconds, or at once if the CURVE handshake failed (a wrong server key,
         a key the supervisor does not know); ControlError if it refused."""
-        request_id = secrets.token_hex(8)
+        import zmq
+
+        request_id = os.urandom(8).hex()
         self._sock.send(json.dumps({"v": VERSION, "id": request_id, "cmd": cmd,
                                     "args": args}).encode())
         poller = zmq.Poller()
@@ -501,6 +329,7 @@ class RemoteClient:
 
     def _handshake(self) -> None:
         """Read a monitor event: a failed handshake raises Unreachable."""
+        import zmq
         from zmq.utils.monitor import recv_monitor_message
 
         assert self._monitor is not None

@@ -11,7 +11,7 @@ holds nothing else: if a flood makes libzmq abort, only this process dies,
 the connections of the flood with it; the supervisor starts a new one, and
 the bundles never notice.
 
-Started by ``control.ControlServer`` (fork+exec, never a bare fork of the
+Started by ``control_server.ControlServer`` (fork+exec, never a bare fork of the
 supervisor), with one end of a ``SOCK_STREAM`` socketpair. Both ways a message
 is ``[route, *frames]`` framed as ``!I`` (frame count), then ``!I`` length and
 bytes per frame: requests from the ROUTER go to the supervisor whole (libzmq

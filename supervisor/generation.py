@@ -100,6 +100,8 @@ class Worker(Protocol):
 
     @property
     def log_dropped(self) -> int: ...  # log lines dropped for flooding
+    @property
+    def pss_kib(self) -> int | None: ...  # its proportional set size, None if unknown
 
     async def wait_loaded(self, timeout: float) -> dict[str, Any]: ...
     async def call(self, op: str, timeout: float, payload: State | None = None,

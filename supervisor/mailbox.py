@@ -48,6 +48,14 @@ class Pass(Event):
 
 
 @dataclass(frozen=True)
+class LoadAhead(Event):
+    """Files of the bundle are changing: spawn and load (not start) the next
+    generation while the current one serves, dropping any loaded before; the
+    pass after the quiet period swaps to it if the content is still what it
+    loaded. Several waiting together are one (the newest)."""
+
+
+@dataclass(frozen=True)
 class StopAsked(Event):
     """``hotsup stop``: retire the bundle, close its ports, until ``RunAsked``."""
 
@@ -152,6 +160,10 @@ class Mailbox:
         return Pass(force=first.force or any(p.force for p in others),
                     asked=first.asked + tuple(w for p in others for w in p.asked),
                     discard_state=first.discard_state or any(p.discard_state for p in others))
+
+    def waiting(self, kind: type[Event]) -> bool:
+        """Whether an event of ``kind`` is in the queue."""
+        return any(isinstance(event, kind) for event in self._events)
 
     def drain(self) -> list[Event]:
         """Every event still waiting (at close)."""

@@ -61,6 +61,18 @@ class WorkerReply:
     fds: tuple[int, ...]
 
 
+def pss_kib(pid: int) -> int | None:
+    """``Pss`` of ``pid`` in KiB, from ``/proc/PID/smaps_rollup``; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class WorkerProcess:
     def __init__(self, spec: BundleSpec, generation: int, zygote: Zygote,
                  sink: LogSink) -> None:
@@ -126,6 +138,16 @@ class WorkerProcess:
             self._set_exited()
             return
         asyncio.get_running_loop().add_reader(self._pidfd, self._set_exited)
+
+    @property
+    def pss_kib(self) -> int | None:
+        """The worker's proportional set size in KiB (``/proc/PID/smaps_rollup``):
+        pages it shares with the zygote and its siblings count divided among
+        them, so this is what the worker really costs; None if it cannot be read
+        (gone, or another user's)."""
+        if self.pid is None or self.exited.done():
+            return None
+        return pss_kib(self.pid)
 
     @property
     def log_dropped(self) -> int:

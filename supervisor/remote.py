@@ -38,15 +38,8 @@ from zmq.utils import z85
 
 from .commands import PUSH_CHUNK
 from .config import RemoteConfig
-from .control import (
-    BadRequest,
-    ControlError,
-    Request,
-    Submit,
-    make_reply,
-    parse_request,
-    wind_down,
-)
+from .control import BadRequest, ControlError, Request, make_reply, parse_request
+from .control_server import Submit, wind_down
 
 log = logging.getLogger("hotsup")
 

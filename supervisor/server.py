@@ -44,6 +44,7 @@ from .commands import (
     WIRE,
     Command,
     FilesChanged,
+    FilesChanging,
     Logs,
     PushBegin,
     PushCommit,
@@ -56,7 +57,8 @@ from .commands import (
     Stop,
 )
 from .config import BundleSource, Config, misnamed
-from .control import ControlError, ControlServer, Request
+from .control import ControlError, Request
+from .control_server import ControlServer
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
 from .notify import STARTING_TICK, Notifier, summarize
@@ -99,6 +101,7 @@ class Supervisor:
         self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
             FilesChanged: self._on_files_changed,
+            FilesChanging: self._on_files_changing,
             Shutdown: self._on_shutdown,
             Stop: self._on_stop,
             Run: self._on_run,
@@ -169,7 +172,7 @@ class Supervisor:
                                       lambda source: adigest(source.path), checkpoints)
             stack.push_async_callback(self._close_all)
             watcher = Watcher(self._watch_roots(), config.watch_quiet_ms, config.watch_batch_ms,
-                              self._files_changed)
+                              self._files_changed, self._files_changing)
             watch_task = asyncio.ensure_future(watcher.run())
             watch_task.add_done_callback(self._watcher_ended)
             stack.push_async_callback(_stop_watcher, watcher, watch_task)
@@ -294,6 +297,12 @@ class Supervisor:
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
             await self._rescan()
+
+    async def _on_files_changing(self, command: FilesChanging) -> None:
+        for runner in self.runners.values():
+            root = runner.source.path
+            if any(p == root or root in p.parents for p in command.paths):
+                runner.load_ahead()
 
     async def _on_push_begin(self, command: PushBegin) -> None:
         runner = self.runners.get(command.name)
@@ -530,6 +539,10 @@ class Supervisor:
     def _files_changed(self, paths: set[Path]) -> None:
         if self._stopping is None:
             self.commands.put_nowait(FilesChanged(frozenset(paths)))
+
+    def _files_changing(self, paths: set[Path]) -> None:
+        if self._stopping is None:
+            self.commands.put_nowait(FilesChanging(frozenset(paths)))
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,11 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
     hold N for probation ................. N: HELD    (paused, still loaded)
     probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
+A change seen by the watcher (``LoadAhead``, before its quiet period ends)
+spawns and loads N+1 at once, while N serves; more changes drop it and load
+again. The pass after the quiet period then starts from LOADED if the content
+is still what N+1 loaded (``Ahead``): the quiet period hides spawn and import.
+
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
 the old generation keeps serving with its state, and the error is reported.
 If N+1 dies while N is held, N resumes (from a newer checkpoint of N+1's,
@@ -56,6 +61,7 @@ from .mailbox import (
     CheckpointDue,
     Event,
     Exited,
+    LoadAhead,
     Mailbox,
     Pass,
     PingDone,
@@ -119,6 +125,35 @@ class Kept:
 
 
 @dataclass(frozen=True)
+class Ahead:
+    """A generation loaded ahead of its pass (``LoadAhead``), and the content
+    digest taken just before it was spawned: any later change is a newer event."""
+
+    digest: str
+    spec: BundleSpec
+    gen: Generation
+
+
+class Phases:
+    """Where one swap's time went, step by step (``last_swap_phases`` in
+    status): milliseconds since the step before, in the order they ran."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+
+#: The events that leave a generation loaded ahead in place: any other (a stop,
+#: a rename, a crash, a restart) drops it first (see ``BundleRunner._loop``).
+_KEEP_AHEAD = (LoadAhead, Pass, PingDue, PingDone, CheckpointDue, ProbationOver, Retired)
+
+
+@dataclass(frozen=True)
 class Timings:
     """The runner's own deadlines and policies (the bundle's are in its spec)."""
 
@@ -167,6 +202,8 @@ class BundleRunner:
         self.last_swap_ms: float | None = None
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None  # unix time
+        self.last_swap_phases: dict[str, float] = {}  # the last swap's Phases
+        self._phases = Phases()  # the pass being made's
         self._gens: dict[int, Generation] = {}  # every generation not yet reaped
         self._number = 0  # the last generation number given
         self._kept: Kept | None = None  # the newest state
@@ -187,6 +224,8 @@ class BundleRunner:
         self._timers = Timers(self._mailbox)
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[State | None], Generation] = {}
+        self._ahead: Ahead | None = None  # N+1 loaded during the quiet period
+        self._loading_ahead = False  # ... being spawned and loaded now
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -196,6 +235,7 @@ class BundleRunner:
         self.swap_times = SwapTimes()  # durations of the swaps that served
         self._handlers: dict[type[Event], Callable[[Any], Coroutine[Any, Any, Outcome | None]]] = {
             Pass: self._on_pass,
+            LoadAhead: self._on_load_ahead,
             StopAsked: self._on_stop,
             RunAsked: self._on_run,
             Renamed: self._on_renamed,
@@ -215,6 +255,10 @@ class BundleRunner:
         self._task = asyncio.ensure_future(self._loop())
 
     # -- what the supervisor asks ----------------------------------------------------
+
+    def load_ahead(self) -> None:
+        """Files are changing: load the next generation now, swap at the pass."""
+        self._mailbox.put(LoadAhead())
 
     def request(self, force: bool = False) -> None:
         """Ask for a pass: a swap if the content changed (or always, if ``force``)."""
@@ -260,8 +304,11 @@ class BundleRunner:
         """Derived from the generations, never assigned."""
         if self._closed or self._down:
             return BundleState.STOPPED
-        bringing_up = self._spawning is not None or any(
-            gen.state in (_S.SPAWNING, _S.LOADED) for gen in self._gens.values())
+        # A generation loaded ahead is not a swap yet: the pass decides.
+        ahead = self._ahead.gen if self._ahead is not None else None
+        bringing_up = (self._spawning is not None and not self._loading_ahead) or any(
+            gen.state in (_S.SPAWNING, _S.LOADED) and gen is not ahead
+            for gen in self._gens.values())
         if self.current is not None:
             return BundleState.SWAPPING if bringing_up else BundleState.RUNNING
         if bringing_up or self._timers.armed("restart") or self._passes == 0:
@@ -291,7 +338,14 @@ class BundleRunner:
             "uptime": _round(time.monotonic() - gen.serving_since)
             if gen and gen.serving_since is not None else None,
             "last_swap_at": self.last_swap_at,
+            "last_swap_phases": self.last_swap_phases,
             "log_dropped": gen.process.log_dropped if gen else 0,
+            "pss_kib": gen.process.pss_kib if gen else None,
+            # Every live worker, the serving one too: a held or retiring
+            # generation costs memory until it has gone.
+            "workers": [{"generation": g.number, "state": g.state.value, "pid": g.process.pid,
+                         "pss_kib": g.process.pss_kib}
+                        for g in self._gens.values() if g.state in LIVE],
             "swaps": self.swaps,
             "sockets": self.svc.sockets.addresses(self),
             "checkpoint": self._checkpoint,
@@ -311,6 +365,7 @@ class BundleRunner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._ahead = None  # LOADED: discarded below with the others
         self._timers.cancel_all()
         for ping in list(self._pings):
             ping.cancel()
@@ -355,6 +410,8 @@ class BundleRunner:
             outcome: Outcome | None = _CLOSING
             self._warnings = []
             try:
+                if self._ahead is not None and self._drops_ahead(event):
+                    await self._drop_ahead(f"{type(event).__name__} came first")
                 outcome = await self._handlers[type(event)](event)
             except Exception:
                 self.log.exception("%s: internal error in the swap loop", self.name)
@@ -380,12 +437,80 @@ class BundleRunner:
     # -- the handlers: each returns how it went (None: nothing to say) ---------------------
 
     async def _on_pass(self, event: Pass) -> Outcome:
-        if self._down:
-            return Outcome(Result.STOPPED, f"stopped (`hotsup run {self.name}` brings it back)")
-        if self.current is not None and self.current.process.exited.done():
-            return await self._recover(self.current)  # its Exited event is still queued
-        return await self._advance(event.force, restarting=False,
-                                   discard_state=event.discard_state)
+        try:
+            if self._down:
+                return Outcome(Result.STOPPED,
+                               f"stopped (`hotsup run {self.name}` brings it back)")
+            if self.current is not None and self.current.process.exited.done():
+                return await self._recover(self.current)  # its Exited event is still queued
+            return await self._advance(event.force, restarting=False,
+                                       discard_state=event.discard_state)
+        finally:
+            if self._ahead is not None:  # the pass did not want it (no change, a restart)
+                await self._drop_ahead("the pass did not use it")
+
+    async def _on_load_ahead(self, event: LoadAhead) -> None:
+        """Spawn and load (not start) the next generation while the current one
+        serves: what the pass after the quiet period would do first. Nothing is
+        reported: a failure here is the pass's to find again and report."""
+        if self._ahead is not None:
+            await self._drop_ahead("newer changes")
+        current = self.current
+        if self._mailbox.waiting(LoadAhead) or self._down or current is None \
+                or current.state is not _S.READY:
+            return None  # a newer one follows, or there is nothing to swap from
+        digest = await self.svc.digest(self.source)
+        if digest is None or digest == self._tried:
+            return None  # a touch, or back to what serves: no swap will come
+        try:
+            spec = load_bundle(self.source, self.svc.config)
+        except ConfigError:
+            return None
+        self._loading_ahead = True
+        try:
+            new = await self._spawn(spec)
+        except SwapAborted:
+            return None
+        finally:
+            self._loading_ahead = False
+        self._ahead = Ahead(digest, spec, new)
+        self._loading_ahead = True
+        try:
+            await new.load()
+        except SwapAborted as exc:
+            await self._drop_ahead(str(exc))
+            return None
+        finally:
+            self._loading_ahead = False
+        self.log.debug("%s: loaded ahead of the pass", new.tag)
+        return None
+
+    def _drops_ahead(self, event: Event) -> bool:
+        if isinstance(event, Exited):  # its own death, or the one it would replace
+            return self._ahead is not None and event.gen in (self._ahead.gen, self.current)
+        return not isinstance(event, _KEEP_AHEAD)
+
+    def _take_ahead(self, digest: str, spec: BundleSpec) -> Generation | None:
+        """The generation loaded ahead, if it loaded this very content and spec."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.digest == digest and ahead.spec == spec and ahead.gen.state is _S.LOADED \
+                and not ahead.gen.process.exited.done():
+            return ahead.gen
+        self._ahead = ahead  # the pass's finally drops it
+        return None
+
+    async def _drop_ahead(self, why: str) -> None:
+        """Kill the generation loaded ahead. It never served: its number goes
+        to the next generation, so numbers count the generations passes made."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        await ahead.gen.discard(f"loaded ahead, dropped: {why}")
+        self._forget(ahead.gen)
+        if self._number == ahead.gen.number:
+            self._number -= 1
 
     async def _on_stop(self, event: StopAsked) -> Outcome:
         if self._down and not any(gen.state in LIVE for gen in self._gens.values()):
@@ -515,7 +640,9 @@ class BundleRunner:
                        discard_state: bool = False) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
+        self._phases = phases = Phases()
         digest = await self.svc.digest(self.source)
+        phases.mark("digest")
         if digest is None:  # the supervisor removes us
             return Outcome(Result.UNCHANGED, "the bundle directory is gone")
         if not force and digest == self._tried:
@@ -537,13 +664,14 @@ class BundleRunner:
             return self._record_error(message, Result.FAILED)
         if discard_state:
             await self._drop_state()
+        phases.mark("manifest")
         if self.current is None:
             if not self._disk_read:
                 self._disk_read = True
                 kept = await self._read_checkpoint()
                 self._kept = kept or self._kept
             return await self._start(spec, restarting)
-        return await self._swap(spec, started, discard_state)
+        return await self._swap(spec, started, discard_state, self._take_ahead(digest, spec))
 
     async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""
@@ -575,27 +703,40 @@ class BundleRunner:
         self.last_error = None  # a start of new content, or `hotsup run`: the old error is past
         return Outcome(Result.STARTED, f"{new.tag} serving")
 
-    async def _swap(self, spec: BundleSpec, started: float, discard_state: bool) -> Outcome:
+    async def _swap(self, spec: BundleSpec, started: float, discard_state: bool,
+                    ahead: Generation | None = None) -> Outcome:
+        """Swap to ``spec``: from ``ahead`` if a generation of it was loaded
+        ahead (LOADED already), else from a new spawn."""
         old = self.current
         assert old is not None
         self._end_probation()  # newer code serves: the one held before it is obsolete
-        try:
-            new = await self._spawn(spec)
-        except SwapAborted as exc:
-            return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
-                                      Result.ROLLED_BACK)
+        phases = self._phases
+        if ahead is not None:
+            new = ahead
+            phases.ms["loaded_ahead"] = 1.0
+        else:
+            try:
+                new = await self._spawn(spec)
+            except SwapAborted as exc:
+                return self._record_error(f"swap aborted, {old.tag} keeps serving: {exc}",
+                                          Result.ROLLED_BACK)
         paused_at: float | None = None
         snapshot: State | None = None
         handover: Handover | None = None
+        phases.mark("spawn")
         try:
-            await new.load()
+            if new.state is _S.SPAWNING:
+                await new.load()
+            phases.mark("load")
             if old.hands_over_to(new) and not discard_state:
                 paused_at = time.monotonic()
                 handover = await old.pause()
                 snapshot = handover.snapshot
+                phases.mark("pause_snapshot")
                 await new.begin(snapshot, handover)
             else:
                 await new.begin(None)
+            phases.mark("restore_start")
         except Exception as exc:
             if handover is not None:
                 handover.close()
@@ -620,6 +761,7 @@ class BundleRunner:
                                       f"not resume and is restarted", Result.ROLLED_BACK)
         ready_at = time.monotonic()
         await self._carried(old, new, handover)
+        phases.mark("carry")
         self._make_current(new, spec)
         self.last_error = None
         self._busy_retries = 0
@@ -632,9 +774,13 @@ class BundleRunner:
             "without state" if discard_state else "overlap"
         self.log.info("%s: swapped from %s in %.1f ms (%s, paused %.1f ms)", new.tag, old.tag,
                       self.last_swap_ms, mode, self.last_pause_ms)
+        phases.mark("log")
         await self._hold(old, new.spec.timing.probation)
+        phases.mark("hold")
         if snapshot is not None:
             await self._keep(snapshot, old)
+            phases.mark("keep_state")
+        self.last_swap_phases = phases.ms
         return Outcome(Result.SWAPPED, f"{old.tag} -> {new.tag} ({mode}, paused "
                                        f"{self.last_pause_ms:.1f} ms)")
 
@@ -756,7 +902,12 @@ class BundleRunner:
     def _arm_ping(self, gen: Generation) -> None:
         interval = gen.spec.timing.ping_interval
         if interval > 0:
-            self._timers.arm("ping", interval, PingDue(gen))
+            # Due on a tick common to every bundle with this interval (a
+            # multiple of it on the loop's clock), not ``interval`` after this
+            # bundle's last one: 50 idle bundles wake the supervisor once per
+            # interval for all their pings, not 50 times.
+            now = asyncio.get_running_loop().time()
+            self._timers.arm("ping", interval - now % interval, PingDue(gen))
 
     def _arm_checkpoint(self, gen: Generation) -> None:
         interval = gen.spec.timing.checkpoint_interval

@@ -11,6 +11,10 @@ same for one ``step``; we run it with a short step and keep the quiet period
 taken about ``watch_quiet_ms`` after the last write instead of up to twice that.
 A directory that never goes quiet is still taken every ``watch_batch_ms``.
 
+The quiet period need not be dead time: each change is also told at once to
+``on_change`` (the supervisor loads the bundle's next generation ahead, while
+the current one serves), and ``on_batch`` after the quiet period (the swap).
+
 Files created in a brand-new subdirectory can be missed by inotify, so each
 batch is reported once more after RECHECK_AFTER seconds of silence (a batch
 whose content did not change costs a hash and swaps nothing). Only after
@@ -106,14 +110,17 @@ class _Filter(watchfiles.DefaultFilter):
 
 
 class Watcher:
-    """Calls ``on_batch(paths)`` once per quiet batch of changes under ``roots``."""
+    """Calls ``on_batch(paths)`` once per quiet batch of changes under ``roots``,
+    and ``on_change(paths)`` as soon as each change of the batch is seen."""
 
     def __init__(self, roots: list[Path], quiet_ms: int, batch_ms: int,
-                 on_batch: Callable[[set[Path]], None]) -> None:
+                 on_batch: Callable[[set[Path]], None],
+                 on_change: Callable[[set[Path]], None] | None = None) -> None:
         self._roots = roots
         self._quiet = max(0.0, (quiet_ms - _STEP_MS) / 1000)
         self._batch_ms = batch_ms
         self._on_batch = on_batch
+        self._on_change = on_change
         self._stopped = False
         self._cycle = asyncio.Event()  # set: watch again from scratch (or stop)
         self._gone: set[Path] = set()  # roots deleted since they were last watched
@@ -172,7 +179,10 @@ class Watcher:
             *roots, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
             stop_event=self._cycle, recursive=True, ignore_permission_denied=True,
         ):
-            self._add({Path(p) for _, p in changes})
+            paths = {Path(p) for _, p in changes}
+            if self._on_change is not None:
+                self._on_change(paths)  # before the quiet period: what can be done ahead
+            self._add(paths)
             gone = {Path(p) for change, p in changes if change == watchfiles.Change.deleted}
             gone = gone.intersection(roots) | {root for root in roots if not root.is_dir()}
             if gone:

@@ -80,6 +80,58 @@ def test_status_prints_a_table_and_the_json_of_the_design(hotsup: MakeHotsup) ->
     assert row.split()[:4] == ["counter", "running", "1", str(bundle["pid"])]
 
 
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+
+
+def test_status_reports_each_workers_pss(hotsup: MakeHotsup) -> None:
+    sup, _ = start_counter(hotsup)
+    first = sup.status()["counter"]
+    assert first["pss_kib"] > 0
+    # Its own reading, a moment apart: the same worker within a margin.
+    assert abs(first["pss_kib"] - _pss_kib(first["pid"])) <= 0.25 * first["pss_kib"]
+    assert [(w["generation"], w["state"], w["pid"]) for w in first["workers"]] == \
+        [(1, "ready", first["pid"])]
+    done = sup.cli("reload", "counter")
+    assert done.returncode == 0, done.stderr
+    # Generation 1 is held on probation (5 s by default): it still costs memory.
+    after = sup.status()["counter"]
+    workers = {w["generation"]: w for w in after["workers"]}
+    assert workers[1]["state"] == "held" and workers[2]["state"] == "ready"
+    assert all(w["pss_kib"] > 0 for w in workers.values())
+    assert workers[2]["pid"] == after["pid"]
+    table = sup.cli("status").stdout.splitlines()
+    assert table[0].split()[7] == "PSS" and table[1].split()[7].endswith("M")
+
+
+#: What a command to a running supervisor must not import: the event loop, the
+#: watcher, pyzmq (the client speaks ZMTP itself), the whole config's validation
+#: (each costs a fresh process milliseconds to tens of them).
+NOT_FOR_CLIENTS = ("asyncio", "uvloop", "watchfiles", "zmq", "hotsup.supervisor.config",
+                   "hotsup.supervisor.logs", "dataclasses")
+
+CLIENT_IMPORTS = """\
+import json, sys
+from hotsup.supervisor import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [["status"], ["reload", "counter"]])
+def test_a_client_command_imports_only_what_it_uses(hotsup: MakeHotsup,
+                                                    command: list[str]) -> None:
+    sup, _ = start_counter(hotsup)
+    done = subprocess.run([sys.executable, "-c", CLIENT_IMPORTS, *command, "-c",
+                           str(sup.config)], capture_output=True, text=True, timeout=60)
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["code"] == 0, done.stderr
+    loaded = [name for name in report["modules"]
+              if any(name == bad or name.startswith(bad + ".") for bad in NOT_FOR_CLIENTS)]
+    assert not loaded, f"hotsup {' '.join(command)} imported {loaded}"
+
+
 def test_reload_reports_the_swap_and_a_rollback(hotsup: MakeHotsup) -> None:
     sup, port = start_counter(hotsup)
     assert request(port, "incr").startswith("count=1 ")

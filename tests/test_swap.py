@@ -142,3 +142,42 @@ def test_changes_during_a_swap_coalesce(hotsup: MakeHotsup) -> None:
     swaps = sup.log().count("swapped from")
     assert 1 <= swaps < 10, swaps
     assert sup.stop() == 0
+
+
+#: A long quiet period, so that the edits of a test land inside one.
+LONG_QUIET = "watch_quiet_ms = 400\n"
+
+
+def test_the_next_generation_loads_during_the_quiet_period(hotsup: MakeHotsup) -> None:
+    """The first change spawns and loads N+1 while N serves; the pass after the
+    quiet period swaps to that very generation (only the switch is left)."""
+    sup, port = start_counter(hotsup, LONG_QUIET)
+    edit(sup, counter_source("v1"))
+    sup.wait_log(r"counter@2: swapped from counter@1")
+    log = sup.log()
+    assert log.index("counter@2: loaded ahead of the pass") < log.index("counter@2: swapped")
+    assert request(port).endswith("tag=v1")
+    assert "counter@3" not in sup.log()
+    assert sup.stop() == 0
+
+
+def test_a_burst_in_the_quiet_period_loads_again_and_ends_on_the_last_content(
+        hotsup: MakeHotsup) -> None:
+    """Each edit within the quiet period drops what was loaded ahead and loads
+    the newer files; what serves in the end is the last edit, as generation 2."""
+    sup, port = start_counter(hotsup, LONG_QUIET)
+    with Load(port, clients=2) as load:
+        load.wait_reply(lambda r: r.tag == "v0")
+        for i in range(1, 6):
+            edit(sup, counter_source(f"v{i}"))
+            time.sleep(0.04)  # pacing the edits, as a person saving; not synchronisation
+        last = load.wait_reply(lambda r: r.tag == "v5")
+        load.wait_reply(lambda r: r.count > last.count + 20, after=last.at)  # v5 goes on serving
+    load.assert_consistent()
+    assert {r.tag for r in load.replies if r.at >= last.at} == {"v5"}
+    log = sup.log()
+    assert "loaded ahead, dropped: newer changes" in log, "later edits dropped the early load"
+    # The numbers count the generations passes made: those dropped unserved give theirs back.
+    swaps = log.count("swapped from")
+    assert last.generation == 1 + swaps, (last.generation, swaps)
+    assert sup.stop() == 0

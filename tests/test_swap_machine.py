@@ -45,6 +45,7 @@ class FakeWorker:
         self.script = script
         self.pid: int | None = 10_000 + number
         self.log_dropped = 0
+        self.pss_kib: int | None = None
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.calls: list[str] = []
         self.restored: bytes | None = None
@@ -569,6 +570,20 @@ def test_a_generation_that_does_not_answer_pings_is_killed_and_restarted(
         assert world.workers[1].killed
         assert "b@1 did not answer a ping within 0.1s" in str(world.runner.last_error)
     run(test, tmp_path, "ping_interval = 0.05\nping_timeout = 0.1\n")
+
+
+def test_pings_are_due_on_a_tick_every_bundle_shares(tmp_path: Path) -> None:
+    """Idle bundles wake the supervisor once per ping_interval for all their
+    pings: each is due on a multiple of the interval (the loop's clock), not
+    ``interval`` after that bundle's own last ping."""
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        for pings in range(1, 4):  # the first, and after the answers came back
+            await until(lambda n=pings: world.workers[1].calls.count("ping") >= n, "pinged")
+            await until(lambda: world.runner._timers.armed("ping"), "the next ping armed")
+            due = world.runner._timers._armed["ping"].when()
+            assert abs(due - round(due / 0.25) * 0.25) < 0.002, due  # µs of arming
+    run(test, tmp_path, "ping_interval = 0.25\n")
 
 
 def test_checkpoints_go_to_disk_and_a_new_runner_resumes_from_them(
