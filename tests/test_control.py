@@ -106,9 +106,8 @@ def test_status_reports_each_workers_pss(hotsup: MakeHotsup) -> None:
 
 
 #: What a command to a running supervisor must not import: the event loop, the
-#: watcher, pyzmq (the client speaks ZMTP itself), the whole config's validation
-#: (each costs a fresh process milliseconds to tens of them).
-NOT_FOR_CLIENTS = ("asyncio", "uvloop", "watchfiles", "zmq", "hotsup.supervisor.config",
+#: watcher, the whole config's validation (each costs a fresh process tens of ms).
+NOT_FOR_CLIENTS = ("asyncio", "uvloop", "watchfiles", "hotsup.supervisor.config",
                    "hotsup.supervisor.logs", "dataclasses")
 
 CLIENT_IMPORTS = """\
