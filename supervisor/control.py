@@ -6,8 +6,8 @@ Transport: ZeroMQ. A ROUTER is bound on ``ipc://<run_dir>/control`` (by a
 process of the supervisor's own, ``control_endpoint``, which says why);
 run_dir is 0700 and the socket file 0600, so only their owner can connect
 (ipc sockets are files; abstract ``ipc://@name`` ones would be open to every
-local user). A client connects a DEALER (the command line's speaks ZMTP itself,
-``zmtp``), sends one request and waits for its reply with a deadline. The
+local user). A client connects a DEALER, sends one request and waits for its
+reply with a deadline. The
 server refuses requests over ``MAX_REQUEST`` bytes (ZeroMQ drops such a peer),
 answers anything malformed with an error reply, and never lets input raise.
 
