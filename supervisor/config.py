@@ -29,6 +29,8 @@ from typing import Any
 from hotsup.worker import importer
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
+from .watcher import DigestError, digest
+
 MANIFEST = "bundle.toml"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -940,6 +942,11 @@ def check(config_path: Path, probe: bool = True) -> list[str]:
             spec = load_bundle(source, config)
         except ConfigError as exc:
             problems.extend(exc.problems)
+            continue
+        try:  # what the runner digests before each load: a loop, a huge tree
+            digest(source.path)
+        except DigestError as exc:
+            problems.append(str(exc))
             continue
         loaded.append((source, spec))
         problems.extend(f"{line}: rename it (the worker imports a module of that name first)"

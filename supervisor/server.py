@@ -65,7 +65,7 @@ from .push import PushStore, Session, clear_staging
 from .remote import RemoteServer
 from .sockets import SocketRegistry, systemd_sockets
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
-from .watcher import Watcher, adigest, digest_paths
+from .watcher import DigestError, Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
@@ -290,7 +290,9 @@ class Supervisor:
         bundles_dir = self.config.bundles_dir
         for runner in self.runners.values():
             root = runner.source.path
-            if any(p == root or root in p.parents for p in command.paths):
+            # A path above the bundle too: "look at everything" after a
+            # watch was lost (watchfiles failed on a name it cannot decode).
+            if any(p == root or root in p.parents or p in root.parents for p in command.paths):
                 runner.request()
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
@@ -370,7 +372,10 @@ class Supervisor:
         for name, source in present.items():
             if name in self.runners or not gone:
                 continue
-            content = await self._services.digest(source)
+            try:
+                content = await self._services.digest(source)
+            except DigestError:  # not a rename; its runner says what is wrong
+                content = None
             renamed = next((old for old, runner in gone.items()
                             if content is not None and runner.content == content), None)
             if renamed is not None:

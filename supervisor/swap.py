@@ -72,6 +72,7 @@ from .mailbox import (
 )
 from .process import WorkerError
 from .sockets import SocketError, SocketRegistry
+from .watcher import DigestError
 
 log = logging.getLogger("hotsup")
 
@@ -515,7 +516,13 @@ class BundleRunner:
                        discard_state: bool = False) -> Outcome:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
-        digest = await self.svc.digest(self.source)
+        try:
+            digest = await self.svc.digest(self.source)
+        except DigestError as exc:  # a symlink loop, a tree over the limits: say which
+            self._tried = None  # the next change looks again
+            return self._record_error(f"cannot load the bundle: {exc}",
+                                      Result.FAILED if self.current is None
+                                      else Result.ROLLED_BACK)
         if digest is None:  # the supervisor removes us
             return Outcome(Result.UNCHANGED, "the bundle directory is gone")
         if not force and digest == self._tried:
