@@ -84,7 +84,7 @@ class Supervisor:
         self._services: Services | None = None
         self._stopping: str | None = None  # why, once shutting down
         self._tasks: set[asyncio.Task[None]] = set()  # answers waiting outside the loop
-        self._removing: set[asyncio.Task[None]] = set()  # bundles draining away
+        self._removing: set[asyncio.Task[list[str]]] = set()  # bundles draining away
         self._told: set[str] = set()  # warnings already given
         self._started = time.monotonic()
         self._zygote: Zygote | None = None
@@ -95,6 +95,7 @@ class Supervisor:
         self._replacing = False  # a new zygote is being started
         self._pushes = PushStore(config.remote)
         self._remote: RemoteServer | None = None
+        self._lost: list[str] = []  # state the shut-down could not keep, by bundle
         # Every command's handler; a test checks each wire command has one.
         self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -113,7 +114,8 @@ class Supervisor:
             {name: runner.state.value for name, runner in self.runners.items()}))
 
     async def serve(self) -> int:
-        """Run until shut down; 0 after a clean drain."""
+        """Run until shut down; 0 after a clean drain, 1 if a bundle's final
+        state could not be kept (its snapshot failed, its checkpoint not written)."""
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
             # First in, last out: a second SIGTERM or Ctrl-C during the drain
@@ -194,6 +196,9 @@ class Supervisor:
                         ControlError("the supervisor is shutting down"))
             self._notifier.stopping()
             log.info("shutting down (%s): draining every bundle", self._stopping)
+        if self._lost:
+            log.error("hotsup stopped, but state was not kept: %s", " | ".join(self._lost))
+            return 1
         log.info("hotsup stopped")
         return 0
 
@@ -439,7 +444,7 @@ class Supervisor:
             if zygote is not None:
                 await zygote.stop()
 
-    def _removed(self, task: asyncio.Task[None]) -> None:
+    def _removed(self, task: asyncio.Task[list[str]]) -> None:
         self._removing.discard(task)
         if self._stopping is None:  # an address it held may be free now
             for runner in self.runners.values():
@@ -495,13 +500,18 @@ class Supervisor:
         runner.start()
 
     async def _close_all(self) -> None:
+        """Retire every bundle; what state could not be kept makes the exit code 1."""
         runners, self.runners = list(self.runners.values()), {}
         results = await asyncio.gather(*(runner.close() for runner in runners),
                                        *self._removing,
                                        return_exceptions=True)
+        for runner, result in zip(runners, results, strict=False):
+            if isinstance(result, list) and result:  # each line logged by the runner
+                self._lost.append(f"{runner.name}: {'; '.join(result)}")
         for result in results:  # one bundle's failure must not stop the others' shutdown
             if isinstance(result, BaseException):
                 log.error("while closing a bundle: %r", result, exc_info=result)
+                self._lost.append(f"a bundle failed to close: {result!r}")
 
     def _watch_roots(self) -> list[Path]:
         """bundles_dir, declared bundles outside it, and the preloaded packages

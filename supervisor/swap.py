@@ -188,6 +188,7 @@ class BundleRunner:
         self._timers = Timers(self._mailbox)
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
+        self._final: set[int] = set()  # generations retiring with their final snapshot
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -302,9 +303,11 @@ class BundleRunner:
             "checkpoint_at": (self._checkpoint or {}).get("at"),
         }
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
         """Stop the loop (cutting short a swap), retire every serving generation
-        (drain, stop(), exit), kill the others, release the sockets.
+        (drain, stop(), exit), kill the others, release the sockets. What state
+        could not be kept (the final snapshot not taken, or not written), one
+        line each for a person; each is logged too.
 
         Once the loop's task has ended, this is the runner's only writer.
         """
@@ -312,6 +315,7 @@ class BundleRunner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._warnings = []  # from here on: what the shut-down could not keep
         self._timers.cancel_all()
         for ping in list(self._pings):
             ping.cancel()
@@ -344,6 +348,7 @@ class BundleRunner:
                 await asyncio.to_thread(store.record, self.name, self._number, self._checkpointed)
             except CheckpointError as exc:
                 self.log.error("%s: %s", self.name, exc)
+        return list(self._warnings)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -505,8 +510,12 @@ class BundleRunner:
         if self._gens.get(gen.number) is not gen:  # recorded already (a stop waited for it)
             return
         gen.move(_S.EXITED)
+        final = gen.number in self._final
+        self._final.discard(gen.number)
         if event.state is not None:
             await self._keep(event.state, gen)
+        elif final:
+            self._state_lost(gen)
         self._forget(gen)
         self.log.info("%s: retired", gen.tag)
 
@@ -758,6 +767,8 @@ class BundleRunner:
         """Retire ``gen`` in a task of its own; its end comes as a ``Retired`` event
         (close() waits for every one)."""
         gen.move(_S.RETIRING)
+        if keep:
+            self._final.add(gen.number)
         task = asyncio.ensure_future(gen.retire(keep))
         self._retiring[task] = gen
 
@@ -812,6 +823,20 @@ class BundleRunner:
                             "at": time.time(), "error": None}
         self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, len(kept.data),
                        duration * 1000)
+
+    def _state_lost(self, gen: Generation) -> None:
+        """``gen`` retired (a stop, a shut-down) without the final snapshot it
+        was asked for: said in the log, status and the report, never silently."""
+        why = gen.retire_error or "it exited without one"
+        kept = self._kept
+        since = (f"the checkpoint of generation {kept.generation}" if kept is not None
+                 else "no state at all")
+        message = (f"the final snapshot of {gen.tag} was not taken ({why}): its state since "
+                   f"{since.replace('no state at all', 'it started')} is lost; the next "
+                   f"start begins from {since}")
+        self.log.error("%s: %s", self.name, message)
+        self._warnings.append(message)
+        self.last_error = message
 
     async def _drop_state(self) -> None:
         """``--discard-state``: forget the state, in memory and on disk."""
