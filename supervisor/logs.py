@@ -356,13 +356,22 @@ class LogSink:
     def last_seq(self) -> int:
         return self._seq
 
-    def after(self, seq: int, bundle: str | None = None, limit: int = RING) -> list[LogRecord]:
-        """The newest ``limit`` records numbered above ``seq`` (of ``bundle``, or all)."""
+    def after(self, seq: int, bundle: str | None = None, limit: int = RING,
+              budget: int | None = None) -> list[LogRecord]:
+        """The newest ``limit`` records numbered above ``seq`` (of ``bundle``, or
+        all), and of those the newest that fit in ``budget`` (as the rings count
+        size; the newest record always fits)."""
         if limit <= 0:
             return []
         ring = self._all if bundle is None else self._by_bundle.get(bundle)
-        found = ring.after(seq) if ring is not None else []
-        return found[-limit:]
+        found = ring.after(seq)[-limit:] if ring is not None else []
+        if budget is not None:
+            keep, used = len(found), 0
+            while keep > 0 and (used + _cost(found[keep - 1]) <= budget or keep == len(found)):
+                keep -= 1
+                used += _cost(found[keep])
+            found = found[keep:]
+        return found
 
     def kept_bytes(self) -> int:
         """What the rings hold (as ``_Ring`` counts it), for status and tests."""

@@ -56,7 +56,7 @@ from .commands import (
     Stop,
 )
 from .config import BundleSource, Config, misnamed
-from .control import ControlError, ControlServer, Request
+from .control import REPLY_BUDGET, ControlError, ControlServer, Request
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
 from .notify import Notifier, summarize
@@ -278,13 +278,16 @@ class Supervisor:
             except asyncio.CancelledError:
                 _refuse(command, ControlError("the supervisor is shutting down"))
                 raise
-            records = self.sink.after(command.after, command.name, command.limit)
+            records = self.sink.after(command.after, command.name, command.limit,
+                                      REPLY_BUDGET)
             if not reply.done():
                 reply.set_result({"records": [asdict(r) for r in records],
-                                          "last": self.sink.last_seq()})
+                                  "last": self.sink.last_seq()})
 
-        # A follower's long poll waits outside the command loop.
-        self._background(answer())
+        # A follower's long poll waits outside the command loop, and no longer
+        # than someone waits for it (the control server answered it early).
+        task = self._background(answer())
+        reply.add_done_callback(lambda _: task.cancel())
 
     async def _on_files_changed(self, command: FilesChanged) -> None:
         if any(p == t or t in p.parents for p in command.paths for t in self._preloaded) \
@@ -483,10 +486,11 @@ class Supervisor:
             raise ControlError(f"no bundle named {name!r} (bundles: {known})")
         return runner
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _cancel_background(self) -> None:
         for task in self._tasks:

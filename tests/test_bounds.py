@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 from collections.abc import Callable
 
 import pytest
+import zmq
 from harness import Hotsup, free_port, request, wait_for, write_bundle
 from hotsup.supervisor import logs
 
@@ -93,4 +95,116 @@ def test_a_huge_line_is_cut_and_the_rings_stay_bounded(hotsup: MakeHotsup) -> No
     grew = (after - before) / MiB
     print(f"supervisor RSS {before / MiB:.1f} MiB -> {after / MiB:.1f} MiB after a 96 MiB line")
     assert grew < 40, f"the supervisor grew by {grew:.0f} MiB for a 96 MiB line"
+    assert sup.stop() == 0
+
+
+# -- the control socket -------------------------------------------------------------
+
+#: A bundle that logs ``lines`` records of about 1 KiB at start, then serves.
+CHATTY = textwrap.dedent("""\
+    class Counter:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        async def start(self):
+            for i in range(3000):
+                self.ctx.log.info("line %d %s", i, "y" * 1000)
+            self.ctx.log.info("chatter done")
+            await self.ctx.serve("main", self.handle)
+
+        async def handle(self, reader, writer):
+            writer.close()
+    """)
+
+
+def _endpoint_pid(sup: Hotsup) -> int:
+    """The control endpoint process the supervisor started."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        if ppid == sup.pid and b"control_endpoint" in cmdline:
+            return int(entry)
+    raise AssertionError("no control endpoint process")
+
+
+def _dealer(zctx: zmq.Context[zmq.Socket[bytes]], sup: Hotsup) -> zmq.Socket[bytes]:
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)  # so that what is not read stays with the sender
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(f"ipc://{sup.root / '.hotsup' / 'control'}")
+    return sock
+
+
+def _ask(sock: zmq.Socket[bytes], cmd: str, request_id: int, **args: object) -> None:
+    sock.send(json.dumps({"v": 1, "id": request_id, "cmd": cmd, "args": args}).encode())
+
+
+def test_clients_that_never_read_cannot_grow_the_supervisor(hotsup: MakeHotsup) -> None:
+    """10 connections each ask for the whole log 20 times and never read a
+    reply: the supervisor and its endpoint process stay within bounds, and
+    status still answers."""
+    sup = hotsup()
+    write_bundle(sup.bundles / "chatty", CHATTY, free_port())
+    sup.start_serving("chatty")
+    sup.wait_log(r"chatty@1: chatter done")
+    endpoint = _endpoint_pid(sup)
+    before = rss(sup.pid), rss(endpoint)
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    peak = [0, 0]
+    try:
+        socks = [_dealer(zctx, sup) for _ in range(10)]
+        for i in range(20):
+            for sock in socks:
+                _ask(sock, "logs", i, limit=2000)
+                if sup.proc is not None and sup.proc.poll() is not None:
+                    break
+            peak = [max(peak[0], rss(sup.pid)), max(peak[1], rss(_endpoint_pid(sup)))]
+        done = wait_for(lambda: (lambda d: d if d.returncode == 0 else None)(
+            sup.cli("status", "--json")), what="status answered")
+        assert '"chatty"' in str(getattr(done, "stdout", ""))
+        peak = [max(peak[0], rss(sup.pid)), max(peak[1], rss(_endpoint_pid(sup)))]
+    finally:
+        zctx.destroy(linger=0)
+    print(f"supervisor RSS {before[0] / MiB:.0f} -> peak {peak[0] / MiB:.0f} MiB, control "
+          f"endpoint {before[1] / MiB:.0f} -> peak {peak[1] / MiB:.0f} MiB, after 200 logs "
+          f"requests never read")
+    assert peak[0] - before[0] < 48 * MiB
+    assert peak[1] < 90 * MiB
+    assert sup.stop() == 0
+
+
+def test_many_followers_do_not_lock_out_status(hotsup: MakeHotsup) -> None:
+    """200 ``logs --follow`` long polls at once: ``status`` is answered at
+    once all the same, and the polls beyond the bound are answered early, the
+    oldest first, with nothing new (their clients ask again)."""
+    sup = hotsup()
+    write_bundle(sup.bundles / "counter", DUMP_BUNDLE, free_port())
+    sup.start_serving("counter")
+    last = json.loads(sup.cli("logs", "--json", "-n", "1").stdout.splitlines()[-1])["seq"]
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        socks = [_dealer(zctx, sup) for _ in range(200)]
+        for i, sock in enumerate(socks):
+            _ask(sock, "logs", i, name="counter", after=last + 10_000, wait=5.0)
+        started = time.monotonic()
+        done = sup.cli("status", "--json")
+        took = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        print(f"status answered in {took:.2f}s beside 200 long polls")
+        assert took < 4.0
+        first = socks[0]
+        assert first.poll(3000), "the oldest poll was answered early"
+        reply = json.loads(first.recv())
+        assert reply["ok"] and reply["result"]["records"] == [], reply
+        assert reply["result"]["last"] == last + 10_000
+    finally:
+        zctx.destroy(linger=0)
     assert sup.stop() == 0
