@@ -23,13 +23,13 @@ MakeHotsup = Callable[..., Hotsup]
 MiB = 1024 * 1024
 
 
-def rss(pid: int) -> int:
-    """Resident bytes of ``pid`` (VmRSS)."""
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes of ``pid`` (VmRSS; VmHWM: the peak so far)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} for {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -207,4 +207,74 @@ def test_many_followers_do_not_lock_out_status(hotsup: MakeHotsup) -> None:
         assert reply["result"]["last"] == last + 10_000
     finally:
         zctx.destroy(linger=0)
+    assert sup.stop() == 0
+
+
+# -- the worker channel ---------------------------------------------------------------
+
+#: A bundle that, asked with ``flood N``, sends N malformed packets and eight
+#: announced 250 MB payloads (sparse memfds: they cost the worker nothing) on
+#: its own channel to the supervisor.
+CHANNEL_FLOOD = textwrap.dedent("""\
+    import fcntl, os, socket
+
+    def channel():
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.socket(fileno=os.dup(int(name)))
+            except OSError:
+                continue
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+                return sock
+            sock.close()
+
+    class Counter:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        async def start(self):
+            await self.ctx.serve("main", self.handle)
+
+        async def handle(self, reader, writer):
+            count = int((await reader.readline()).split()[1])
+            sock = channel()
+            sock.setblocking(True)
+            big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+            os.ftruncate(big, 250 << 20)
+            fcntl.fcntl(big, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+            for _ in range(8):
+                socket.send_fds(sock, [b'{"v":1,"op":"reply","id":1,"ok":true,"payload":%d}'
+                                       % (250 << 20)], [big])
+            for i in range(count):
+                sock.send(b"garbage %d" % i)
+            sock.setblocking(False)  # the runtime's own channel shares the flag
+            writer.write(b"flooded\\n")
+            await writer.drain()
+    """)
+
+
+PACKETS = 50_000
+
+
+def test_a_flood_on_a_worker_channel_costs_bounded_cpu_memory_and_log(hotsup: MakeHotsup) -> None:
+    sup = hotsup()
+    port = free_port()
+    write_bundle(sup.bundles / "flood", CHANNEL_FLOOD, port)
+    sup.start_serving("flood")
+    before_cpu, before_rss = cpu_seconds(sup.pid), rss(sup.pid, "VmHWM")
+    started = time.monotonic()
+    assert request(port, f"flood {PACKETS}", timeout=60) == "flooded"
+    took = time.monotonic() - started
+    done = sup.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    cpu = cpu_seconds(sup.pid) - before_cpu
+    grew = (rss(sup.pid, "VmHWM") - before_rss) / MiB
+    warnings = sup.log().count("WARNING hotsup: ")
+    print(f"{PACKETS} malformed packets and 8 x 250 MB payloads in {took:.1f}s: supervisor "
+          f"CPU {cpu:.2f}s ({cpu / PACKETS * 1e6:.0f} us a packet), peak RSS +{grew:.1f} MiB, "
+          f"{warnings} warning line(s)")
+    assert warnings <= 10, "rate-limited: 5 per 10 s"
+    assert grew < 16, "nothing of it is buffered"
+    assert cpu / PACKETS < 100e-6, "a bounded cost per packet, whatever is in it"
     assert sup.stop() == 0

@@ -136,7 +136,9 @@ def read_payload(fd: int, size: int, limit: int) -> bytes:
     if actual != size:
         raise P.ProtocolError(f"the payload is {actual} bytes, the header says {size}")
     if size > limit:
-        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}")
+        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}" if limit
+                              else f"a payload of {size} bytes where none is expected (a "
+                                   f"reply to no request)")
     chunks: list[bytes] = []
     offset = 0
     while offset < size:
@@ -171,9 +173,15 @@ def pack(header: dict[str, Any], payload: bytes | None = None,
     return data, ([memfd] if memfd >= 0 else []) + list(fds), memfd
 
 
+#: The most payload bytes a message may carry: a number, or a function of the
+#: message's header (a reply nobody asked for need not be read at all).
+Limit = int | Callable[[dict[str, Any]], int]
+
+
 def unpack(data: bytes, fds: list[int], flags: int,
-           limit: int = P.MAX_WORKER_MESSAGE) -> Message:
-    """The message in one received packet. ProtocolError if it is malformed;
+           limit: Limit = P.MAX_WORKER_MESSAGE) -> Message:
+    """The message in one received packet. ProtocolError if it is malformed
+    or its payload is over ``limit`` (checked before a byte of it is read);
     then the caller still owns ``fds`` (and closes them)."""
     if flags & socket.MSG_TRUNC:
         raise P.ProtocolError(f"a header over {MAX_HEADER} bytes")
@@ -189,7 +197,7 @@ def unpack(data: bytes, fds: list[int], flags: int,
                               f"{len(fds)} came")
     payload = None
     if size is not None:
-        payload = read_payload(fds[0], size, limit)
+        payload = read_payload(fds[0], size, limit(header) if callable(limit) else limit)
         os.close(fds[0])
         fds = fds[1:]
     return Message(header, payload, tuple(fds))
@@ -231,14 +239,15 @@ class Channel:
     """One end of a worker channel, read and written on the running loop.
 
     ``on_message(message)`` is called for every well-formed message and owns
-    its fds. ``on_closed()`` once, when the peer closed its end (or ours
+    its fds. ``limit``: the most payload bytes a message may carry (see
+    ``Limit``). ``on_closed()`` once, when the peer closed its end (or ours
     failed). ``send()`` fails with ConnectionError once closed. Malformed
     messages are dropped and logged through ``drops`` (rate-limited).
     """
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
                  drops: RateLimitedLog, on_closed: Callable[[], None] | None = None,
-                 limit: int = P.MAX_WORKER_MESSAGE) -> None:
+                 limit: Limit = P.MAX_WORKER_MESSAGE) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._on_message = on_message
