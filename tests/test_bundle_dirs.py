@@ -93,3 +93,21 @@ def test_a_bundle_linked_to_a_huge_tree_fails_at_the_limit_and_shutdown_is_quick
     assert sup.stop() == 0
     took = time.monotonic() - started
     assert took < 10, f"shut-down took {took:.1f}s"
+
+
+def test_settings_a_worker_cannot_receive_fail_the_bundle_naming_the_key(
+        hotsup: MakeHotsup) -> None:
+    """A TOML date in [settings] cannot travel as JSON: the bundle fails with
+    a config error naming bundle.toml and the key, not an internal error,
+    and is not left starting."""
+    sup = hotsup()
+    good = free_port()
+    write_bundle(sup.bundles / "good", counter_source("v0"), good)
+    bad = write_bundle(sup.bundles / "bad", counter_source("v0"), free_port(),
+                       extra="[settings]\nday = 1979-05-27\n")
+    sup.start_serving("good")
+    now = _state(sup, "bad", "failed")
+    assert f"{bad / 'bundle.toml'}: settings.day: a date or time cannot reach the worker" \
+        in str(now["last_error"]), now["last_error"]
+    assert request(good).startswith("count=1 generation=1")
+    assert sup.stop() == 0
