@@ -11,6 +11,13 @@ same for one ``step``; we run it with a short step and keep the quiet period
 taken about ``watch_quiet_ms`` after the last write instead of up to twice that.
 A directory that never goes quiet is still taken every ``watch_batch_ms``.
 
+The digest (``digest``) is bounded and follows no symlink: a bundle directory
+that holds a link to ``/``, a link loop or a name that is not UTF-8 is an
+error naming the path or the limit (``MAX_FILES``, ``MAX_BYTES``), and a
+cancelled digest stops at its next chunk, so a shut-down never waits for one.
+watchfiles itself still follows symlinks when it sets up its watches (it has
+no option not to).
+
 Files created in a brand-new subdirectory can be missed by inotify, so each
 batch is reported once more after RECHECK_AFTER seconds of silence (a batch
 whose content did not change costs a hash and swaps nothing). Only after
