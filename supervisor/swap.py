@@ -189,6 +189,7 @@ class BundleRunner:
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[bytes | None], Generation] = {}
         self._final: set[int] = set()  # generations retiring with their final snapshot
+        self._lost: str | None = None  # what `run` starts from, when that snapshot failed
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -422,7 +423,11 @@ class BundleRunner:
             return Outcome(Result.UNCHANGED, f"already {self.state.value}")
         self._down = False
         self._tried = None
-        return await self._advance(force=True, restarting=False)
+        outcome = await self._advance(force=True, restarting=False)
+        lost, self._lost = self._lost, None
+        if lost is not None and outcome.ok:  # said at the stop; said again here
+            outcome = Outcome(outcome.result, f"{outcome.message} ({lost})")
+        return outcome
 
     async def _on_renamed(self, event: Renamed) -> Outcome | None:
         old, self.source, self.name = self.name, event.source, event.source.name
@@ -837,6 +842,9 @@ class BundleRunner:
         self.log.error("%s: %s", self.name, message)
         self._warnings.append(message)
         self.last_error = message
+        self._lost = (f"from {since}: the final snapshot of {gen.tag} was not taken"
+                      if kept is not None else f"without state: the final snapshot of "
+                      f"{gen.tag} was not taken")
 
     async def _drop_state(self) -> None:
         """``--discard-state``: forget the state, in memory and on disk."""

@@ -48,6 +48,8 @@ def test_a_stop_whose_final_snapshot_fails_says_so(hotsup: MakeHotsup) -> None:
     flag.unlink()
     done = sup.cli("run", "counter")
     assert done.returncode == 0, done.stderr
+    assert "(without state: the final snapshot of counter@1 was not taken)" in done.stdout, \
+        done.stdout
     assert request(port).startswith("count=1 generation=2"), "it says what it started from"
     assert sup.stop() == 0
 
