@@ -30,6 +30,7 @@ from hotsup.worker import importer
 from hotsup.worker.protocol import MAX_WORKER_MESSAGE
 
 from . import rundir
+from .watcher import DigestError, digest
 
 MANIFEST = "bundle.toml"
 
@@ -717,6 +718,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
     settings = _table(data, "settings", problems)
+    _settings_fit(settings, problems)
     sockets = _sockets(_table(data, "sockets", problems), source, problems)
     if kind in ("asgi", "wsgi"):
         _asgi_sockets(sockets, kind, problems)
@@ -732,6 +734,39 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
         multiprocessing_logging=mp_logging, timing=timing, uid=uid, gid=gid,
         threads=threads,
     )
+
+
+#: The largest ``[settings]`` table (as the JSON the worker receives): settings
+#: are configuration; data that large belongs in a file the bundle reads.
+MAX_SETTINGS = 16 * 1024 * 1024
+
+
+def _settings_fit(settings: dict[str, Any], problems: _Problems) -> None:
+    """The settings reach the worker as JSON in its spec: they must be JSON
+    (TOML dates and times are not) and at most ``MAX_SETTINGS``."""
+    try:
+        size = len(json.dumps(settings, separators=(",", ":")).encode())
+    except (TypeError, ValueError):
+        key = next((k for k, v in _flatten(settings) if not isinstance(
+            v, str | int | float | bool | type(None))), "")
+        problems.add(f"settings.{key}" if key else "settings",
+                     "a date or time cannot reach the worker: write it as a string")
+        return
+    if size > MAX_SETTINGS:
+        problems.add("settings", f"{size} bytes as JSON, more than the {MAX_SETTINGS >> 20} MiB "
+                     f"a worker receives: put that data in a file the bundle reads")
+
+
+def _flatten(table: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a TOML table (arrays by index)."""
+    if isinstance(table, dict):
+        items: list[tuple[str, Any]] = []
+        for key, value in table.items():
+            items += _flatten(value, f"{prefix}{key}.")
+        return items
+    if isinstance(table, list):
+        return [pair for i, value in enumerate(table) for pair in _flatten(value, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), table)]
 
 
 def _identity(data: dict[str, Any], path: Path,
@@ -928,6 +963,11 @@ def check(config_path: Path, probe: bool = True) -> list[str]:
             spec = load_bundle(source, config)
         except ConfigError as exc:
             problems.extend(exc.problems)
+            continue
+        try:  # what the runner digests before each load: a loop, a huge tree
+            digest(source.path)
+        except DigestError as exc:
+            problems.append(str(exc))
             continue
         loaded.append((source, spec))
         problems.extend(f"{line}: rename it (the worker imports a module of that name first)"

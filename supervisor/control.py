@@ -11,6 +11,13 @@ reply with a deadline. The
 server refuses requests over ``MAX_REQUEST`` bytes (ZeroMQ drops such a peer),
 answers anything malformed with an error reply, and never lets input raise.
 
+Bounds, so that no client can make the supervisor hold more than a few
+replies' worth or lock others out (``control_server``): ``MAX_INFLIGHT``
+requests at once, ``MAX_PER_PEER`` of one connection, ``MAX_LONG_POLLS``
+followers waiting (apart, so ``status`` is answered beside them),
+``REPLY_BUDGET`` per ``logs`` reply; a reply its client does not read is
+dropped by the endpoint process (``control_endpoint`` has its own bounds).
+
 Version 1. A request is one frame, a UTF-8 JSON object::
 
     {"v": 1, "id": "<string>", "cmd": "<command>", "args": {...}}
@@ -36,8 +43,10 @@ Commands (``args`` -> ``result``); each one's arguments are checked against its
 * ``logs`` {"name": str or null, "after": int, "limit": int, "wait": float}
   -> ``{"records": [record, ...], "last": int}``: the newest ``limit`` records
   numbered above ``after`` (a ``LogSink`` record: seq, ts, level, tag, bundle,
-  generation, msg); with ``wait`` > 0 and none yet, the reply waits up to that
-  long (at most ``MAX_WAIT``) for one: that is how ``logs -f`` follows.
+  generation, msg), at most ``REPLY_BUDGET`` of text; with ``wait`` > 0 and
+  none yet, the reply waits up to that long (at most ``MAX_WAIT``) for one:
+  that is how ``logs -f`` follows. Past ``MAX_LONG_POLLS`` waiting, the oldest
+  is answered at once with no records and ``last`` = its ``after``.
 * ``shutdown`` {} -> ``{"pid": int}``; the supervisor then drains and exits.
 * ``push_begin``, ``push_files``, ``push_commit``: a push of a bundle's files
   (``push`` has that protocol); ``push_commit`` answers with a report.

@@ -19,6 +19,11 @@ already dropped any over ``MAX_REQUEST``), replies come back and go out on the
 ROUTER. The first message to the supervisor is ``[b"ready"]``, once the socket
 is bound and owner-only. EOF on the socketpair (the supervisor is gone or done)
 ends this process.
+
+Replies go out without blocking: one for a client whose queue is full
+(``SEND_HWM``: it does not read) or who left is dropped, so one such client
+never holds up the others' replies, and this process's memory has a ceiling
+(``MAX_MEMORY``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import socket
 import struct
 import sys
@@ -39,6 +45,16 @@ MAX_FRAMES = 8
 
 #: The largest reply the supervisor may send (a ``logs`` reply is the largest).
 MAX_REPLY = 64 * 1024 * 1024
+
+#: Replies queued for one client that does not read them; more are dropped
+#: (the command line reads its one reply at once).
+SEND_HWM = 4
+
+#: The memory this process may use (RLIMIT_DATA, bytes; it needs about 26 MiB).
+#: Many clients that never read could still queue a few replies each: past
+#: this, an allocation fails and the process dies, their connections with it,
+#: and the supervisor starts a new one, as for a flood of connections.
+MAX_MEMORY = 256 * 1024 * 1024
 
 
 def pack(frames: list[bytes]) -> bytes:
@@ -91,6 +107,7 @@ def serve(link: socket.socket, endpoint: str, path: str, max_request: int) -> in
     router.setsockopt(zmq.LINGER, 500)  # time for the last replies to leave
     router.setsockopt(zmq.MAXMSGSIZE, max_request)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not hangs
+    router.setsockopt(zmq.SNDHWM, SEND_HWM)
     router.bind(endpoint)
     os.chmod(path, 0o600)  # run_dir is 0700 already; this holds if it is not
     link.sendall(pack([b"ready"]))
@@ -110,11 +127,22 @@ def serve(link: socket.socket, endpoint: str, path: str, max_request: int) -> in
                 if not data:
                     return 0  # the supervisor is done (or gone)
                 for message in replies.feed(data):
-                    with contextlib.suppress(zmq.ZMQError):  # the client went away
-                        router.send_multipart(message)
+                    # EHOSTUNREACH: the client went away; EAGAIN: its queue is
+                    # full, it does not read. Never block: others wait behind.
+                    with contextlib.suppress(zmq.ZMQError):
+                        router.send_multipart(message, zmq.NOBLOCK)
     finally:
         router.close()
         zctx.term()
+
+
+def _limit_memory(limit: int) -> None:
+    """Lower RLIMIT_DATA to ``limit`` (never raise it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft == resource.RLIM_INFINITY or soft > limit:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     link = socket.socket(fileno=args.link)
     link.set_inheritable(False)
+    _limit_memory(MAX_MEMORY)
     try:
         return serve(link, args.endpoint, args.path, args.max_request)
     except (BrokenPipeError, ConnectionResetError):
@@ -133,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         print(f"hotsup control endpoint: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"hotsup control endpoint: out of memory (its limit is {MAX_MEMORY >> 20} MiB: "
+              f"clients that do not read their replies?)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ back; ``wind_down`` is how it and the remote endpoint (``remote``) stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +37,21 @@ log = logging.getLogger("hotsup")
 
 #: Requests answered at once; more are refused until some are done.
 MAX_INFLIGHT: Final = 64
+#: Requests of one client connection answered at once (the command line uses
+#: a connection per request; more is a client that does not wait for answers).
+#: The endpoint queues as many replies per client, so a client that keeps
+#: within it never loses one.
+MAX_PER_PEER: Final = control_endpoint.SEND_HWM
+#: ``logs`` long polls (``wait`` > 0) waiting at once, apart from MAX_INFLIGHT
+#: so that followers never crowd out ``status``. One more answers the oldest
+#: now, with nothing new: its follower asks again, nothing is lost.
+MAX_LONG_POLLS: Final = 32
+#: ``logs`` replies encoded and on their way to the endpoint process at once.
+ENCODING: Final = 2
+#: The most record text one ``logs`` reply carries (its newest records that
+#: fit): with ``MAX_INFLIGHT`` and the endpoint's bounds, what a client that
+#: never reads its replies can make the supervisor hold.
+REPLY_BUDGET: Final = 1024 * 1024
 #: Seconds the control endpoint process gets to listen, at start and after a crash.
 START_TIMEOUT: Final = 10.0
 #: Seconds between the death of the control endpoint process and its successor.
@@ -81,6 +97,13 @@ class ControlServer:
         self._endpoint = endpoint(run_dir)
         self._submit = submit
         self._tasks: set[asyncio.Task[None]] = set()
+        self._per_peer: collections.Counter[bytes] = collections.Counter()
+        # Large replies are encoded and written ENCODING at a time, so that
+        # MAX_INFLIGHT of them never sit encoded in memory (or in the link's
+        # buffer, which the endpoint process empties) at once.
+        self._encoding = asyncio.Semaphore(ENCODING)
+        self._polls: collections.OrderedDict[asyncio.Task[None], tuple[bytes, Any, int]] = \
+            collections.OrderedDict()  # long polls waiting, oldest first
         self._receiver: asyncio.Task[None] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -155,13 +178,47 @@ class ControlServer:
             return
 
     def _dispatch(self, route: bytes, body: list[bytes]) -> None:
-        if len(self._tasks) >= MAX_INFLIGHT:
-            task = asyncio.ensure_future(
-                self._send(route, make_reply(None, error="too many requests in flight")))
-        else:
-            task = asyncio.ensure_future(self._answer(route, body))
+        try:
+            parsed: tuple[Any, Request] | BadRequest = parse_request(body)
+        except BadRequest as exc:
+            parsed = exc
+        poll = isinstance(parsed, tuple) and parsed[1].cmd == "logs" \
+            and float(parsed[1].args.get("wait", 0)) > 0
+        if self._per_peer[route] >= MAX_PER_PEER:
+            self._track(self._send(route, make_reply(
+                parsed[0] if isinstance(parsed, tuple) else None,
+                error=f"too many requests from this connection at once (at most "
+                      f"{MAX_PER_PEER}): wait for the answers")))
+            return
+        if poll:
+            while len(self._polls) >= MAX_LONG_POLLS:
+                self._answer_early(*self._polls.popitem(last=False))
+        elif len(self._tasks) - len(self._polls) >= MAX_INFLIGHT:
+            self._track(self._send(route, make_reply(None, error="too many requests in flight")))
+            return
+        task = self._track(self._answer(route, parsed))
+        self._per_peer[route] += 1
+        task.add_done_callback(lambda _: self._left(route))
+        if poll and isinstance(parsed, tuple):
+            self._polls[task] = (route, parsed[0], int(parsed[1].args.get("after", 0)))
+            task.add_done_callback(lambda done: self._polls.pop(done, None))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _left(self, route: bytes) -> None:
+        self._per_peer[route] -= 1
+        if self._per_peer[route] <= 0:
+            del self._per_peer[route]
+
+    def _answer_early(self, task: asyncio.Task[None], where: tuple[bytes, Any, int]) -> None:
+        """Answer the long poll ``task`` now: nothing after its ``after`` yet."""
+        route, request_id, after = where
+        task.cancel()  # its reply future with it: the supervisor stops waiting
+        self._track(self._send(route, make_reply(request_id, {"records": [], "last": after})))
 
     async def close(self) -> None:
         """Stop taking requests; let answers already on their way leave (1 s at
@@ -185,11 +242,17 @@ class ControlServer:
             proc.kill()
             return await asyncio.to_thread(proc.wait)
 
-    async def _answer(self, route: bytes, body: list[bytes]) -> None:
+    async def _answer(self, route: bytes, parsed: tuple[Any, Request] | BadRequest) -> None:
         request_id: Any = None
         try:
-            request_id, request = parse_request(body)
+            if isinstance(parsed, BadRequest):
+                raise parsed
+            request_id, request = parsed
             result = await self._submit(request)
+            if request.cmd == "logs":  # up to REPLY_BUDGET: a few of them at a time
+                async with self._encoding:
+                    await self._send(route, make_reply(request_id, result))
+                return
             reply = make_reply(request_id, result)
         except BadRequest as exc:
             reply = make_reply(exc.request_id, error=str(exc))

@@ -166,6 +166,7 @@ class Generation:
         self.serving_since: float | None = None  # time.monotonic() when it became current
         self.hung: str | None = None  # why it was killed for not answering a ping
         self.answered_at = 0.0  # loop time of its last answer to a long request
+        self.retire_error: str | None = None  # why its retirement did not go as asked
         self._grace = grace  # extra seconds a request gets beyond its own deadline
         #: Its records also go to the bundle's ring, for ``hotsup logs NAME``.
         self.log = logging.LoggerAdapter(log, {"bundle": spec.name})
@@ -355,10 +356,15 @@ class Generation:
         drain = timing.drain_timeout
         state: State | None = None
         try:
-            _, state = await self.process.call(protocol.OP_RETIRE, drain + self._grace,
-                                               drain_timeout=drain, snapshot=keep,
-                                               max_bytes=timing.max_snapshot_bytes)
+            reply, state = await self.process.call(protocol.OP_RETIRE, drain + self._grace,
+                                                   drain_timeout=drain, snapshot=keep,
+                                                   max_bytes=timing.max_snapshot_bytes)
+            if keep and state is None:  # the worker logged why; a newer one also says it here
+                self.retire_error = str(reply.get("snapshot_error") or
+                                        f"the worker sent none: `hotsup logs {self.spec.name}` "
+                                        f"says why")
         except WorkerError as exc:
+            self.retire_error = str(exc)
             self.log.warning("%s: retire: %s", self.tag, exc)
         if not await self.process.wait_exit(self._grace):
             self.log.warning("%s: still running after retiring; killing it", self.tag)

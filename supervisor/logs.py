@@ -9,8 +9,16 @@ C-level output) arrives as plain text and is tagged the same way.
 
 The newest records are kept for ``hotsup logs``: a ring per bundle (so a
 chatty bundle cannot push a quiet one's lines out) and a ring of everything.
-Records are numbered in order of arrival, so a reader can follow: ask for
-what came after the last number it saw (``LogSink.after``, ``LogSink.wait``).
+Each ring is bounded twice: ``RING`` records and ``RING_BYTES`` (per bundle)
+or ``ALL_RING_BYTES`` (everything) of text, so a bundle that writes huge
+lines costs the supervisor a few MiB, not what it wrote. Records are numbered
+in order of arrival, so a reader can follow: ask for what came after the last
+number it saw (``LogSink.after``, ``LogSink.wait``).
+
+A worker's line is at most ``MAX_LINE`` bytes: a longer one (a newline that
+never comes, a 200 MB dump) is cut into pieces of ``MAX_LINE`` bytes, each but
+the last marked with ``CUT_MARK``, so nothing of it is buffered beyond one
+piece.
 
 Nothing a worker writes can stall the supervisor's event loop:
 
@@ -49,14 +57,22 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 #: Records kept per bundle, and of everything together.
 RING = 2000
-#: A worker line longer than this (no newline in sight) is cut into pieces.
+#: Text kept per bundle's ring and in the ring of everything (characters of
+#: message, plus ``RECORD_OVERHEAD`` per record): the oldest records go first.
+RING_BYTES = 4 * 1024 * 1024
+ALL_RING_BYTES = 8 * 1024 * 1024
+#: What a record costs in a ring beside its message (the object, its fields).
+RECORD_OVERHEAD = 200
+#: A worker line longer than this (bytes; no newline in sight) is cut into pieces.
 MAX_LINE = 64 * 1024
+#: Appended to every piece of a cut line but the last.
+CUT_MARK = f" [cut at {MAX_LINE} bytes; the line goes on in the next record]"
 #: Bytes read from one worker's pipe per readable callback: the pipe's own
 #: kernel buffer, so one read usually empties it, and the loop turns to the
 #: other fds in between.
@@ -230,6 +246,42 @@ class LogRecord:
                    data.get("bundle"), data.get("generation"), str(data["msg"]))
 
 
+class _Ring:
+    """The newest records, at most ``count`` of them and ``budget`` in size
+    (``RECORD_OVERHEAD`` plus the message's length each)."""
+
+    def __init__(self, budget: int, count: int = RING) -> None:
+        self._records: collections.deque[LogRecord] = collections.deque()
+        self._budget = budget
+        self._count = count
+        self.size = 0
+
+    def append(self, record: LogRecord) -> None:
+        self._records.append(record)
+        self.size += _cost(record)
+        while len(self._records) > self._count or (
+                self.size > self._budget and len(self._records) > 1):
+            self.size -= _cost(self._records.popleft())
+
+    def after(self, seq: int) -> list[LogRecord]:
+        """The records numbered above ``seq``, oldest first: read from the
+        newest end, so a follower's look costs what is new, not the ring."""
+        found: list[LogRecord] = []
+        for record in reversed(self._records):
+            if record.seq <= seq:
+                break
+            found.append(record)
+        found.reverse()
+        return found
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+def _cost(record: LogRecord) -> int:
+    return RECORD_OVERHEAD + len(record.msg)
+
+
 class LogSink:
     """Where every record goes: the output stream and the rings.
 
@@ -241,8 +293,8 @@ class LogSink:
     def __init__(self, stream: TextIO | None = None, json: bool = False) -> None:
         self._json = json
         self._seq = 0
-        self._all: collections.deque[LogRecord] = collections.deque(maxlen=RING)
-        self._by_bundle: dict[str, collections.deque[LogRecord]] = {}
+        self._all = _Ring(ALL_RING_BYTES)
+        self._by_bundle: dict[str, _Ring] = {}
         self._arrived: asyncio.Event | None = None
         self._output = _Output(stream if stream is not None else sys.stderr,
                                self._output_dropped)
@@ -254,7 +306,10 @@ class LogSink:
                            bundle, generation, message)
         self._all.append(record)
         if bundle is not None:
-            self._by_bundle.setdefault(bundle, collections.deque(maxlen=RING)).append(record)
+            ring = self._by_bundle.get(bundle)
+            if ring is None:
+                ring = self._by_bundle[bundle] = _Ring(RING_BYTES)
+            ring.append(record)
         if self._arrived is not None:
             self._arrived.set()
         self._output.put(self._format(record))
@@ -301,12 +356,26 @@ class LogSink:
     def last_seq(self) -> int:
         return self._seq
 
-    def after(self, seq: int, bundle: str | None = None, limit: int = RING) -> list[LogRecord]:
-        """The newest ``limit`` records numbered above ``seq`` (of ``bundle``, or all)."""
-        ring: Iterable[LogRecord] = self._all if bundle is None else \
-            self._by_bundle.get(bundle, ())
-        found = [record for record in ring if record.seq > seq]
-        return found[-limit:] if limit > 0 else []
+    def after(self, seq: int, bundle: str | None = None, limit: int = RING,
+              budget: int | None = None) -> list[LogRecord]:
+        """The newest ``limit`` records numbered above ``seq`` (of ``bundle``, or
+        all), and of those the newest that fit in ``budget`` (as the rings count
+        size; the newest record always fits)."""
+        if limit <= 0:
+            return []
+        ring = self._all if bundle is None else self._by_bundle.get(bundle)
+        found = ring.after(seq)[-limit:] if ring is not None else []
+        if budget is not None:
+            keep, used = len(found), 0
+            while keep > 0 and (used + _cost(found[keep - 1]) <= budget or keep == len(found)):
+                keep -= 1
+                used += _cost(found[keep])
+            found = found[keep:]
+        return found
+
+    def kept_bytes(self) -> int:
+        """What the rings hold (as ``_Ring`` counts it), for status and tests."""
+        return self._all.size + sum(ring.size for ring in self._by_bundle.values())
 
     async def wait(self, seq: int, timeout: float) -> None:
         """Return once a record numbered above ``seq`` exists, or after ``timeout``."""
@@ -344,6 +413,16 @@ class SinkHandler(logging.Handler):
             self._sink.write("hotsup", record.levelname, message, record.created, bundle)
         except Exception:
             self.handleError(record)
+
+
+def _cut(line: bytes) -> list[bytes]:
+    """``line`` in pieces of at most ``MAX_LINE`` bytes, each but the last
+    ending with ``CUT_MARK``."""
+    if len(line) <= MAX_LINE:
+        return [line]
+    mark = CUT_MARK.encode()
+    pieces = [line[at:at + MAX_LINE] for at in range(0, len(line), MAX_LINE)]
+    return [piece + mark for piece in pieces[:-1]] + pieces[-1:]
 
 
 class WorkerLog:
@@ -390,10 +469,13 @@ class WorkerLog:
             return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        if len(self._partial) > MAX_LINE:  # a line without end: emit it in pieces
-            lines.append(self._partial)
-            self._partial = b""
-        self._pass(lines)
+        pieces: list[bytes] = []
+        for line in lines:
+            pieces += _cut(line)
+        if len(self._partial) > MAX_LINE:  # a line without end: hand on its whole pieces
+            *whole, self._partial = _cut(self._partial)
+            pieces += whole
+        self._pass(pieces)
 
     def _pass(self, lines: list[bytes]) -> None:
         """Hand on the lines the rate limit grants; count the rest."""

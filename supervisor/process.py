@@ -121,7 +121,7 @@ class WorkerProcess:
         # reaches the worker only through SCM_RIGHTS.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._channel = wire.Channel(ours, self._on_message, self._drops,
-                                     keep_over=wire.KEEP_OVER)
+                                     limit=self._payload_limit, keep_over=wire.KEEP_OVER)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             self._log = WorkerLog(read_fd, self.spec.name, self.generation, self._sink)
@@ -288,6 +288,13 @@ class WorkerProcess:
             asyncio.get_running_loop().remove_reader(self._pidfd)
         if not self.exited.done():
             self.exited.set_result(None)
+
+    def _payload_limit(self, header: dict[str, Any]) -> int:
+        """A reply to no request of ours may carry no payload: one a bundle
+        forged is refused before it is read, not read whole and dropped."""
+        if header.get("op") == P.OP_REPLY and header.get("id", -1) not in self._replies:
+            return 0
+        return P.MAX_WORKER_MESSAGE
 
     def _on_message(self, message: wire.Message) -> None:
         header = message.header

@@ -58,7 +58,7 @@ from .commands import (
 )
 from .config import BundleSource, Config, misnamed
 from .control import ControlError, Request
-from .control_server import ControlServer
+from .control_server import REPLY_BUDGET, ControlServer
 from .logs import LogSink, SinkHandler
 from .metrics import MetricsServer
 from .notify import STARTING_TICK, Notifier, summarize
@@ -67,7 +67,7 @@ from .push import PushStore, Session, clear_staging
 from .remote import RemoteServer
 from .sockets import SocketRegistry, systemd_sockets
 from .swap import BundleRunner, BundleState, Outcome, Result, Services, Spawner
-from .watcher import Watcher, adigest, digest_paths
+from .watcher import DigestError, Watcher, adigest, digest_paths
 from .zygote import Zygote, ZygoteError, lifeline
 
 log = logging.getLogger("hotsup")
@@ -86,7 +86,7 @@ class Supervisor:
         self._services: Services | None = None
         self._stopping: str | None = None  # why, once shutting down
         self._tasks: set[asyncio.Task[None]] = set()  # answers waiting outside the loop
-        self._removing: set[asyncio.Task[None]] = set()  # bundles draining away
+        self._removing: set[asyncio.Task[list[str]]] = set()  # bundles draining away
         self._told: set[str] = set()  # warnings already given
         self._started = time.monotonic()
         self._zygote: Zygote | None = None
@@ -97,6 +97,7 @@ class Supervisor:
         self._replacing = False  # a new zygote is being started
         self._pushes = PushStore(config.remote)
         self._remote: RemoteServer | None = None
+        self._lost: list[str] = []  # state the shut-down could not keep, by bundle
         # Every command's handler; a test checks each wire command has one.
         self._dispatch: dict[type[Command], Callable[[Any], Coroutine[Any, Any, None]]] = {
             Reload: self._on_reload,
@@ -116,7 +117,8 @@ class Supervisor:
             {name: runner.state.value for name, runner in self.runners.items()}))
 
     async def serve(self) -> int:
-        """Run until shut down; 0 after a clean drain."""
+        """Run until shut down; 0 after a clean drain, 1 if a bundle's final
+        state could not be kept (its snapshot failed, its checkpoint not written)."""
         config = self.config
         async with contextlib.AsyncExitStack() as stack:
             # First in, last out: a second SIGTERM or Ctrl-C during the drain
@@ -196,6 +198,9 @@ class Supervisor:
                         ControlError("the supervisor is shutting down"))
             self._notifier.stopping()
             log.info("shutting down (%s): draining every bundle", self._stopping)
+        if self._lost:
+            log.error("hotsup stopped, but state was not kept: %s", " | ".join(self._lost))
+            return 1
         log.info("hotsup stopped")
         return 0
 
@@ -275,13 +280,16 @@ class Supervisor:
             except asyncio.CancelledError:
                 _refuse(command, ControlError("the supervisor is shutting down"))
                 raise
-            records = self.sink.after(command.after, command.name, command.limit)
+            records = self.sink.after(command.after, command.name, command.limit,
+                                      REPLY_BUDGET)
             if not reply.done():
                 reply.set_result({"records": [asdict(r) for r in records],
-                                          "last": self.sink.last_seq()})
+                                  "last": self.sink.last_seq()})
 
-        # A follower's long poll waits outside the command loop.
-        self._background(answer())
+        # A follower's long poll waits outside the command loop, and no longer
+        # than someone waits for it (the control server answered it early).
+        task = self._background(answer())
+        reply.add_done_callback(lambda _: task.cancel())
 
     async def _on_files_changed(self, command: FilesChanged) -> None:
         if any(p == t or t in p.parents for p in command.paths for t in self._preloaded) \
@@ -292,7 +300,9 @@ class Supervisor:
         bundles_dir = self.config.bundles_dir
         for runner in self.runners.values():
             root = runner.source.path
-            if any(p == root or root in p.parents for p in command.paths):
+            # A path above the bundle too: "look at everything" after a
+            # watch was lost (watchfiles failed on a name it cannot decode).
+            if any(p == root or root in p.parents or p in root.parents for p in command.paths):
                 runner.request()
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
                                            for p in command.paths):
@@ -378,7 +388,10 @@ class Supervisor:
         for name, source in present.items():
             if name in self.runners or not gone:
                 continue
-            content = await self._services.digest(source)
+            try:
+                content = await self._services.digest(source)
+            except DigestError:  # not a rename; its runner says what is wrong
+                content = None
             renamed = next((old for old, runner in gone.items()
                             if content is not None and runner.content == content), None)
             if renamed is not None:
@@ -442,7 +455,7 @@ class Supervisor:
             if zygote is not None:
                 await zygote.stop()
 
-    def _removed(self, task: asyncio.Task[None]) -> None:
+    def _removed(self, task: asyncio.Task[list[str]]) -> None:
         self._removing.discard(task)
         if self._stopping is None:  # an address it held may be free now
             for runner in self.runners.values():
@@ -495,10 +508,11 @@ class Supervisor:
         log.info("hotsup %d serving %d bundle(s) from %s%s", os.getpid(), len(serving),
                  self.config.path, f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _cancel_background(self) -> None:
         for task in self._tasks:
@@ -512,13 +526,18 @@ class Supervisor:
         runner.start()
 
     async def _close_all(self) -> None:
+        """Retire every bundle; what state could not be kept makes the exit code 1."""
         runners, self.runners = list(self.runners.values()), {}
         results = await asyncio.gather(*(runner.close() for runner in runners),
                                        *self._removing,
                                        return_exceptions=True)
+        for runner, result in zip(runners, results, strict=False):
+            if isinstance(result, list) and result:  # each line logged by the runner
+                self._lost.append(f"{runner.name}: {'; '.join(result)}")
         for result in results:  # one bundle's failure must not stop the others' shutdown
             if isinstance(result, BaseException):
                 log.error("while closing a bundle: %r", result, exc_info=result)
+                self._lost.append(f"a bundle failed to close: {result!r}")
 
     def _watch_roots(self) -> list[Path]:
         """bundles_dir, declared bundles outside it, and the preloaded packages

@@ -78,6 +78,7 @@ from .mailbox import (
 )
 from .process import WorkerError
 from .sockets import SocketError, SocketRegistry
+from .watcher import DigestError
 
 log = logging.getLogger("hotsup")
 
@@ -226,6 +227,8 @@ class BundleRunner:
         self._retiring: dict[asyncio.Task[State | None], Generation] = {}
         self._ahead: Ahead | None = None  # N+1 loaded during the quiet period
         self._loading_ahead = False  # ... being spawned and loaded now
+        self._final: set[int] = set()  # generations retiring with their final snapshot
+        self._lost: str | None = None  # what `run` starts from, when that snapshot failed
         self._pings: set[asyncio.Task[None]] = set()
         self._checkpointed = 0  # the generation of the newest checkpoint written
         self._checkpoint: dict[str, Any] | None = None  # what status says of it
@@ -355,9 +358,11 @@ class BundleRunner:
             "checkpoint_at": (self._checkpoint or {}).get("at"),
         }
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
         """Stop the loop (cutting short a swap), retire every serving generation
-        (drain, stop(), exit), kill the others, release the sockets.
+        (drain, stop(), exit), kill the others, release the sockets. What state
+        could not be kept (the final snapshot not taken, or not written), one
+        line each for a person; each is logged too.
 
         Once the loop's task has ended, this is the runner's only writer.
         """
@@ -366,6 +371,7 @@ class BundleRunner:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._ahead = None  # LOADED: discarded below with the others
+        self._warnings = []  # from here on: what the shut-down could not keep
         self._timers.cancel_all()
         for ping in list(self._pings):
             ping.cancel()
@@ -398,6 +404,7 @@ class BundleRunner:
                 await asyncio.to_thread(store.record, self.name, self._number, self._checkpointed)
             except CheckpointError as exc:
                 self.log.error("%s: %s", self.name, exc)
+        return list(self._warnings)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -541,7 +548,11 @@ class BundleRunner:
             return Outcome(Result.UNCHANGED, f"already {self.state.value}")
         self._down = False
         self._tried = None
-        return await self._advance(force=True, restarting=False)
+        outcome = await self._advance(force=True, restarting=False)
+        lost, self._lost = self._lost, None
+        if lost is not None and outcome.ok:  # said at the stop; said again here
+            outcome = Outcome(outcome.result, f"{outcome.message} ({lost})")
+        return outcome
 
     async def _on_renamed(self, event: Renamed) -> Outcome | None:
         old, self.source, self.name = self.name, event.source, event.source.name
@@ -629,8 +640,12 @@ class BundleRunner:
         if self._gens.get(gen.number) is not gen:  # recorded already (a stop waited for it)
             return
         gen.move(_S.EXITED)
+        final = gen.number in self._final
+        self._final.discard(gen.number)
         if event.state is not None:
             await self._keep(event.state, gen)
+        elif final:
+            self._state_lost(gen)
         self._forget(gen)
         self.log.info("%s: retired", gen.tag)
 
@@ -641,7 +656,13 @@ class BundleRunner:
         """Start the bundle, or swap it, if its content changed since the last try."""
         started = time.monotonic()
         self._phases = phases = Phases()
-        digest = await self.svc.digest(self.source)
+        try:
+            digest = await self.svc.digest(self.source)
+        except DigestError as exc:  # a symlink loop, a tree over the limits: say which
+            self._tried = None  # the next change looks again
+            return self._record_error(f"cannot load the bundle: {exc}",
+                                      Result.FAILED if self.current is None
+                                      else Result.ROLLED_BACK)
         phases.mark("digest")
         if digest is None:  # the supervisor removes us
             return Outcome(Result.UNCHANGED, "the bundle directory is gone")
@@ -926,6 +947,8 @@ class BundleRunner:
         """Retire ``gen`` in a task of its own; its end comes as a ``Retired`` event
         (close() waits for every one)."""
         gen.move(_S.RETIRING)
+        if keep:
+            self._final.add(gen.number)
         task = asyncio.ensure_future(gen.retire(keep))
         self._retiring[task] = gen
 
@@ -980,6 +1003,23 @@ class BundleRunner:
                             "at": time.time(), "error": None}
         self.log.debug("%s: checkpoint of %d bytes written in %.1f ms", tag, len(kept.data),
                        duration * 1000)
+
+    def _state_lost(self, gen: Generation) -> None:
+        """``gen`` retired (a stop, a shut-down) without the final snapshot it
+        was asked for: said in the log, status and the report, never silently."""
+        why = gen.retire_error or "it exited without one"
+        kept = self._kept
+        since = (f"the checkpoint of generation {kept.generation}" if kept is not None
+                 else "no state at all")
+        message = (f"the final snapshot of {gen.tag} was not taken ({why}): its state since "
+                   f"{since.replace('no state at all', 'it started')} is lost; the next "
+                   f"start begins from {since}")
+        self.log.error("%s: %s", self.name, message)
+        self._warnings.append(message)
+        self.last_error = message
+        self._lost = (f"from {since}: the final snapshot of {gen.tag} was not taken"
+                      if kept is not None else f"without state: the final snapshot of "
+                      f"{gen.tag} was not taken")
 
     async def _drop_state(self) -> None:
         """``--discard-state``: forget the state, in memory and on disk."""

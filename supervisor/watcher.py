@@ -15,6 +15,13 @@ The quiet period need not be dead time: each change is also told at once to
 ``on_change`` (the supervisor loads the bundle's next generation ahead, while
 the current one serves), and ``on_batch`` after the quiet period (the swap).
 
+The digest (``digest``) is bounded and follows no symlink: a bundle directory
+that holds a link to ``/``, a link loop or a name that is not UTF-8 is an
+error naming the path or the limit (``MAX_FILES``, ``MAX_BYTES``), and a
+cancelled digest stops at its next chunk, so a shut-down never waits for one.
+watchfiles itself still follows symlinks when it sets up its watches (it has
+no option not to).
+
 Files created in a brand-new subdirectory can be missed by inotify, so each
 batch is reported once more after RECHECK_AFTER seconds of silence (a batch
 whose content did not change costs a hash and swaps nothing). Only after
@@ -25,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,38 +69,144 @@ def ignored(name: str) -> bool:
             or (name.startswith("#") and name.endswith("#")))
 
 
-def digest(path: Path) -> str | None:
-    """A hash of every file a bundle could run or read; None if the directory is gone."""
+#: The most files a bundle's digest looks at, and the most bytes it reads: a
+#: bundle directory that is (or holds) something huge, a symlink to ``/`` say,
+#: is an error naming the limit, not a hash that runs for ever.
+MAX_FILES = 20_000
+MAX_BYTES = 256 * 1024 * 1024
+
+
+class DigestError(Exception):
+    """A bundle directory the digest refuses; the message names the path and why."""
+
+
+class _Walk:
+    """One digest's walk: the hash, what it counted, the notes for the log."""
+
+    def __init__(self, top: Path, max_files: int | None, max_bytes: int | None,
+                 cancel: threading.Event | None) -> None:
+        self.top = top
+        self.root = os.path.realpath(top)
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.files = 0
+        self.bytes = 0
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.cancel = cancel
+        self.notes: list[str] = []
+
+    def name(self, full: str) -> bytes:
+        """``full`` relative to the top, as bytes; DigestError for a name that is
+        not valid UTF-8 (the worker could not import it, a person not read it)."""
+        relative = os.path.relpath(full, self.top)
+        try:
+            relative.encode()
+        except UnicodeEncodeError:
+            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+            raise DigestError(f"{self.top / shown}: the file name is not valid UTF-8: "
+                              f"rename it") from None
+        return relative.encode()
+
+    def count(self, size: int) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise asyncio.CancelledError()
+        self.files += 1
+        self.bytes += size
+        if self.max_files is not None and self.files > self.max_files:
+            raise DigestError(f"{self.top}: more than {self.max_files} files (the limit of a "
+                              f"bundle's digest): is it the right directory?")
+        if self.max_bytes is not None and self.bytes > self.max_bytes:
+            raise DigestError(f"{self.top}: more than {self.max_bytes // (1024 * 1024)} MiB "
+                              f"of files (the limit of a bundle's digest): is it the right "
+                              f"directory?")
+
+    def link(self, full: str) -> None:
+        """A symlink is hashed as its target's text, never followed: a link out
+        of the bundle is noted, a loop is an error."""
+        target = os.readlink(full)
+        self.hash.update(self.name(full) + b"\0-> " + os.fsencode(target) + b"\0")
+        self.count(0)
+        try:
+            os.stat(full)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DigestError(f"{full}: a symlink loop ({target} leads back to itself): "
+                                  f"remove it") from None
+            return  # dangling: nothing to follow anyway
+        resolved = os.path.realpath(full)
+        if resolved != self.root and not resolved.startswith(self.root + os.sep):
+            self.notes.append(f"{full} -> {target} points out of the bundle: not followed "
+                              f"(a change there does not swap the bundle)")
+
+    def file(self, full: str) -> None:
+        try:
+            if not stat.S_ISREG(os.lstat(full).st_mode):
+                return  # a unix socket or fifo a bundle made is not its code
+            # Never a symlink (swapped in since the walk saw it), never a
+            # blocking open (a fifo swapped in).
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # vanished mid-walk: the next event rescans
+        except OSError:
+            self.hash.update(self.name(full) + b"\0<unreadable>\0")
+            return
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return
+            self.count(info.st_size)
+            self.hash.update(self.name(full) + b"\0")
+            try:
+                while chunk := handle.read(1 << 16):
+                    self.hash.update(chunk)
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise asyncio.CancelledError()
+            except OSError:
+                self.hash.update(b"<unreadable>")
+        self.hash.update(b"\0")
+
+
+def digest(path: Path, *, max_files: int | None = MAX_FILES, max_bytes: int | None = MAX_BYTES,
+           cancel: threading.Event | None = None, notes: list[str] | None = None) -> str | None:
+    """A hash of every file a bundle could run or read; None if the directory is gone.
+
+    No symlink under ``path`` is followed: each is hashed as its target's text
+    (one that points out of the bundle is said in ``notes``); a symlink loop,
+    a file name that is not UTF-8, more than ``max_files`` files or
+    ``max_bytes`` bytes raise DigestError naming the path. ``cancel`` set:
+    CancelledError at the next file or chunk (the caller went away).
+    """
     if not path.is_dir():
         return None
-    h = hashlib.blake2b(digest_size=16)
+    walk = _Walk(path, max_files, max_bytes, cancel)
     for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not ignored(d))
-        for name in sorted(files):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        dirs[:] = sorted(d for d in dirs if not ignored(d) and d not in links)
+        for name in sorted([*files, *links]):
             if ignored(name):
                 continue
             full = os.path.join(root, name)
-            try:
-                if not stat.S_ISREG(os.stat(full).st_mode):
-                    continue  # a unix socket or fifo a bundle made is not its code
-                h.update(os.path.relpath(full, path).encode() + b"\0")
-                with open(full, "rb") as handle:
-                    for chunk in iter(lambda h=handle: h.read(1 << 16), b""):  # type: ignore[misc]
-                        h.update(chunk)
-            except OSError:
-                h.update(b"<unreadable>")  # vanished mid-walk: the next event rescans
-            h.update(b"\0")
-    return h.hexdigest()
+            if os.path.islink(full):
+                walk.link(full)
+            else:
+                walk.file(full)
+    if notes is not None:
+        notes += walk.notes
+    return walk.hash.hexdigest()
 
 
 def digest_paths(paths: list[Path]) -> str:
-    """One hash over several directories (as ``digest``) and files: what the
-    preloaded packages and modules hold."""
+    """One hash over several directories (as ``digest``, without its limits:
+    installed packages are not a bundle's) and files: what the preloaded
+    packages and modules hold."""
     h = hashlib.blake2b(digest_size=16)
     for path in paths:
         h.update(str(path).encode() + b"\0")
         if path.is_dir():
-            h.update((digest(path) or "").encode())
+            try:
+                h.update((digest(path, max_files=None, max_bytes=None) or "").encode())
+            except DigestError as exc:
+                h.update(str(exc).encode())
             continue
         try:
             h.update(path.read_bytes())
@@ -100,8 +215,26 @@ def digest_paths(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+#: Notes already logged (a link out of a bundle), so each is said once.
+_told: set[str] = set()
+
+
 async def adigest(path: Path) -> str | None:
-    return await asyncio.to_thread(digest, path)
+    """``digest`` in a thread of its own. Cancelled, it stops at the next file
+    or chunk (so a shut-down never waits for a digest); its notes are logged
+    here, once each, in the loop's thread."""
+    cancel = threading.Event()
+    notes: list[str] = []
+    try:
+        return await asyncio.to_thread(digest, path, cancel=cancel, notes=notes)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    finally:
+        for note in notes:
+            if note not in _told:
+                _told.add(note)
+                log.warning("%s", note)
 
 
 class _Filter(watchfiles.DefaultFilter):

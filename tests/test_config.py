@@ -932,3 +932,22 @@ def test_discover_skips_an_unreadable_directory(tmp_path: Path,
 
     monkeypatch.setattr(Path, "is_file", is_file)
     assert discover(tmp_path) == ["ok"]
+
+
+def test_settings_that_cannot_reach_the_worker_are_config_errors(tmp_path: Path) -> None:
+    """The settings go to the worker as JSON: a TOML date, or a table over
+    MAX_SETTINGS, is an error naming bundle.toml and the key."""
+    from hotsup.supervisor.config import MAX_SETTINGS
+
+    dated = make_bundle(tmp_path / "bundles" / "dated",
+                        'entry = "app:App"\n[settings]\nname = "x"\n[settings.when]\n'
+                        'day = 1979-05-27\n')
+    big = make_bundle(tmp_path / "bundles" / "big", 'entry = "app:App"\n')
+    (big / "bundle.toml").write_text(f'entry = "app:App"\n[settings]\nblob = '
+                                     f'"{"x" * (MAX_SETTINGS + 1)}"\n')
+    problems = check(make_config(tmp_path), probe=False)
+    assert sorted(problems) == sorted([
+        f"{big / 'bundle.toml'}: settings: {MAX_SETTINGS + 12} bytes as JSON, more than the "
+        f"16 MiB a worker receives: put that data in a file the bundle reads",
+        f"{dated / 'bundle.toml'}: settings.when.day: a date or time cannot reach the worker: "
+        f"write it as a string"]), problems

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,3 +81,85 @@ def test_digest_sees_content_not_bytecode_or_sockets(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text("A = 2\n")
     assert digest(tmp_path) != before
     assert digest(tmp_path / "missing") is None
+
+
+def test_digest_follows_no_symlink_out_of_the_bundle(tmp_path: Path) -> None:
+    bundle, outside = tmp_path / "bundle", tmp_path / "outside"
+    bundle.mkdir()
+    outside.mkdir()
+    (bundle / "app.py").write_text("A = 1\n")
+    (outside / "data.txt").write_text("one")
+    (bundle / "data.txt").symlink_to(outside / "data.txt")
+    (bundle / "lib").symlink_to(outside)
+    (bundle / "alias.py").symlink_to("app.py")
+    notes: list[str] = []
+    before = digest(bundle, notes=notes)
+    assert sorted(notes) == sorted([
+        f"{bundle / 'data.txt'} -> {outside / 'data.txt'} points out of the bundle: not "
+        f"followed (a change there does not swap the bundle)",
+        f"{bundle / 'lib'} -> {outside} points out of the bundle: not followed (a change "
+        f"there does not swap the bundle)"])
+    (outside / "data.txt").write_text("two")
+    (outside / "more.py").write_text("B = 1\n")
+    assert digest(bundle) == before, "what a link points to outside is not hashed"
+    (bundle / "lib").unlink()
+    (bundle / "lib").symlink_to(tmp_path)
+    assert digest(bundle) != before, "where a link points is"
+    (bundle / "app.py").write_text("A = 2\n")
+    assert digest(bundle) != before
+
+
+def test_a_symlink_loop_or_an_undecodable_name_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("A = 1\n")
+    (tmp_path / "self").symlink_to(".")  # not followed: no loop for the digest
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up").symlink_to("..")
+    digest(tmp_path)
+    (tmp_path / "one").symlink_to("two")
+    (tmp_path / "two").symlink_to("one")
+    with pytest.raises(watcher_module.DigestError,
+                       match=f"^{tmp_path / 'one'}: a symlink loop \\(two leads back"):
+        digest(tmp_path)
+    (tmp_path / "one").unlink()
+    (tmp_path / "two").unlink()
+    bad = os.fsencode(tmp_path) + b"/caf\xe9.py"
+    with open(bad, "w") as handle:
+        handle.write("x")
+    with pytest.raises(watcher_module.DigestError,
+                       match=r"caf\\xe9.py: the file name is not valid UTF-8: rename it"):
+        digest(tmp_path)
+
+
+def test_digest_work_is_bounded(tmp_path: Path) -> None:
+    for i in range(11):
+        (tmp_path / f"m{i}.py").write_text("x" * 100)
+    assert digest(tmp_path, max_files=11, max_bytes=1100)
+    with pytest.raises(watcher_module.DigestError, match="more than 10 files"):
+        digest(tmp_path, max_files=10)
+    with pytest.raises(watcher_module.DigestError, match="more than 0 MiB of files"):
+        digest(tmp_path, max_bytes=1000)
+
+
+def test_a_cancelled_digest_stops_reading(tmp_path: Path) -> None:
+    """A shut-down never waits for a digest: cancelled, its thread stops at
+    the next chunk instead of hashing the rest (the loop's close waits for it)."""
+    for i in range(3):
+        with open(tmp_path / f"big{i}", "wb") as handle:
+            handle.truncate(80 * 1024 * 1024)  # sparse: costs no disk
+    digest(tmp_path)  # the first read of a sparse file is slower: time the second
+    started = time.monotonic()
+    digest(tmp_path)
+    whole = time.monotonic() - started
+
+    async def cancel_soon() -> None:
+        task = asyncio.ensure_future(watcher_module.adigest(tmp_path))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(cancel_soon())  # returns once the default executor's threads are done
+    cut = time.monotonic() - started
+    print(f"whole digest {whole:.2f}s, cancelled one {cut:.2f}s")
+    assert cut < whole / 3, (cut, whole)

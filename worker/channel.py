@@ -217,7 +217,9 @@ def check_payload(fd: int, size: int, limit: int) -> None:
     if actual != size:
         raise P.ProtocolError(f"the payload is {actual} bytes, the header says {size}")
     if size > limit:
-        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}")
+        raise P.ProtocolError(f"a payload of {size} bytes is over the limit of {limit}" if limit
+                              else f"a payload of {size} bytes where none is expected (a "
+                                   f"reply to no request)")
 
 
 def pack(header: dict[str, Any], payload: bytes | Payload | None = None,
@@ -246,9 +248,15 @@ def pack(header: dict[str, Any], payload: bytes | Payload | None = None,
     return data, ([memfd] if memfd >= 0 else []) + list(fds), memfd
 
 
+#: The most payload bytes a message may carry: a number, or a function of the
+#: message's header (a reply nobody asked for need not be read at all).
+Limit = int | Callable[[dict[str, Any]], int]
+
+
 def unpack(data: bytes, fds: list[int], flags: int,
-           limit: int = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> Message:
-    """The message in one received packet. ProtocolError if it is malformed;
+           limit: Limit = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> Message:
+    """The message in one received packet. ProtocolError if it is malformed
+    or its payload is over ``limit`` (checked before a byte of it is read);
     then the caller still owns ``fds`` (and closes them). A payload larger
     than ``keep_over`` stays in its memfd (a ``Payload``), unread."""
     if flags & socket.MSG_TRUNC:
@@ -265,7 +273,7 @@ def unpack(data: bytes, fds: list[int], flags: int,
                               f"{len(fds)} came")
     payload: bytes | Payload | None = None
     if size is not None:
-        check_payload(fds[0], size, limit)
+        check_payload(fds[0], size, limit(header) if callable(limit) else limit)
         if keep_over is not None and size > keep_over:
             payload = Payload(fds[0], size)  # nothing can fail after this: it owns the fd
         else:
@@ -311,14 +319,15 @@ class Channel:
     """One end of a worker channel, read and written on the running loop.
 
     ``on_message(message)`` is called for every well-formed message and owns
-    its fds. ``on_closed()`` once, when the peer closed its end (or ours
+    its fds. ``limit``: the most payload bytes a message may carry (see
+    ``Limit``). ``on_closed()`` once, when the peer closed its end (or ours
     failed). ``send()`` fails with ConnectionError once closed. Malformed
     messages are dropped and logged through ``drops`` (rate-limited).
     """
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Message], None],
                  drops: RateLimitedLog, on_closed: Callable[[], None] | None = None,
-                 limit: int = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> None:
+                 limit: Limit = P.MAX_WORKER_MESSAGE, keep_over: int | None = None) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._on_message = on_message
