@@ -359,7 +359,7 @@ class Generation:
             reply, state = await self.process.call(protocol.OP_RETIRE, drain + self._grace,
                                                    drain_timeout=drain, snapshot=keep,
                                                    max_bytes=timing.max_snapshot_bytes)
-            if keep and state is None:  # the worker logged why; a newer one also says it here
+            if keep and state is None:  # the worker logged why, and says it here
                 self.retire_error = str(reply.get("snapshot_error") or
                                         f"the worker sent none: `hotsup logs {self.spec.name}` "
                                         f"says why")

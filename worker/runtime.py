@@ -419,7 +419,7 @@ class Worker:
         return self._take_snapshot(header)
 
     async def _retire(self, header: dict[str, Any], payload: Payload | bytes | None,
-                      fds: Sequence[int]) -> Payload | dict[str, Any]:
+                      fds: Sequence[int]) -> Reply:
         self.ctx.accepting = False
         self.ctx.pausing.set()
         for listener in self.ctx.listeners:
@@ -431,17 +431,19 @@ class Worker:
                 cut += await listener.cancel_inflight()
             self.log.warning("drain_timeout (%gs) passed: cut %d connection(s)", timeout, cut)
         state: Payload | None = None
+        fields: dict[str, Any] = {"cut": cut}
         if header.get("snapshot"):  # the final state, once nothing can change it any more
             try:
                 state = self._take_snapshot(header)
             except Exception as exc:
                 self.log.error("no snapshot at retirement: %s", _one_line(exc))
+                fields["snapshot_error"] = _one_line(exc)  # the supervisor says why
         stop = getattr(self.bundle, "stop", None)
         if callable(stop):
             await _maybe_await(stop())
         for listener in self.ctx.listeners:
             listener.close()
-        return state if state is not None else {"cut": cut}
+        return Reply(fields, state)
 
     async def _ping(self, header: dict[str, Any], payload: Payload | bytes | None,
                     fds: Sequence[int]) -> dict[str, Any]:
