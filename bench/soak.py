@@ -59,7 +59,7 @@ from processes import (
 )
 
 DEMO = Path(__file__).resolve().parent.parent / "bundles" / "counter"
-REPLY = re.compile(rb"count=(?P<count>\d+) generation=(?P<mark>\d+)")
+REPLY = re.compile(rb"count=(?P<count>\d+)(?: mine=\d+)? generation=(?P<mark>\d+)")
 BIND = re.compile(r'^bind = ".*"$', re.MULTILINE)
 SWAP_DEADLINE = 15.0
 SETTLE_DEADLINE = 15.0
