@@ -1,0 +1,394 @@
+"""``HttpListener`` at a pause, in one process: two listeners on one listening
+socket stand for two generations (A the old, B the new), real sockets on
+127.0.0.1, real clients (http.client, the websockets client, a raw socket)
+in threads.
+
+What is guarded: an idle keep-alive connection parked in A and adopted by B
+is answered by B on the same client connection (and by A again after a
+rollback); a WebSocket moves the same way without a close or a second
+handshake (``websockets = "resume"``), or is closed with 1012 (``"close"``);
+an SSE response is ended cleanly; a streaming download does not hold the
+pause and finishes on A; work after the response does hold it; a drain's cut
+is logged, without a traceback. The cross-generation wiring (fds through the
+supervisor) is the runtime's and is tested there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvicorn
+import uvloop
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from hotsup.worker.asgi import HttpConnection, HttpListener
+from hotsup.worker.websocket import WebSocketConnection
+
+pytestmark = pytest.mark.timeout(60)
+
+LOG = logging.getLogger("test.carry")
+
+
+def make_app(tag: str, events: list[Any]) -> Callable[..., Awaitable[None]]:
+    """A raw ASGI app whose answers name ``tag``; what it sees goes in ``events``."""
+
+    async def websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        connection = scope["extensions"]["hotsup.connection"]
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                events.append(("disconnect", tag, message.get("code")))
+                return
+            await send({"type": "websocket.send", "text": f"{tag}:{message.get('text')}:"
+                        f"{connection['id']}:{connection['resumed']}"})
+
+    async def sse(receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        gone = asyncio.Event()
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            events.append(("sse disconnect", tag))
+            gone.set()
+
+        listening = asyncio.ensure_future(listen())
+        number = 0
+        while not gone.is_set():
+            await send({"type": "http.response.body", "body": f"id: {number}\n\n".encode(),
+                        "more_body": True})
+            number += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), 0.05)
+        await listening
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await websocket(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/sse":
+            await sse(receive, send)
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        if path == "/stream":  # 10 parts, 0.1 s apart
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"10")]})
+            for _ in range(9):
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+                await asyncio.sleep(0.1)
+            await send({"type": "http.response.body", "body": b"x"})
+            events.append(("stream done", tag))
+            return
+        body = tag.encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        if path == "/bg":  # work after the response
+            await asyncio.sleep(0.5)
+            events.append(("bg done", tag))
+        if path == "/forever":
+            await asyncio.sleep(60)
+
+    return app
+
+
+def listener(sock: socket.socket, tag: str, events: list[Any], resume: bool = False,
+             accepting: bool = True) -> HttpListener:
+    app = make_app(tag, events)
+    config = uvicorn.Config(app=lambda: app, factory=True, http=HttpConnection,
+                            ws=WebSocketConnection, ws_per_message_deflate=not resume,
+                            lifespan="off", log_config=None)
+    config.load()
+    return HttpListener("http", sock, LOG, config, {}, accepting, carry_websockets=resume)
+
+
+def run(test: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Run ``test(listening socket)`` on a uvloop loop, as a worker would."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(test(sock), 40))
+    finally:
+        loop.close()
+        sock.close()
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def post(conn: http.client.HTTPConnection, path: str = "/") -> str:
+    conn.request("POST", path, body=b"")
+    return conn.getresponse().read().decode()
+
+
+async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- idle keep-alive connections move -----------------------------------------------
+
+
+def test_an_idle_keep_alive_connection_moves_to_the_successor() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        assert await asyncio.to_thread(post, conn) == "A"
+        client_socket = conn.sock
+        a.pause(carry=True)
+        assert await a.wait_idle(2.0)
+        assert a.inflight == 0
+        items = a.parked()
+        assert [item.kind for item in items] == ["http"]
+        b = listener(sock, "B", events, accepting=False)
+        b.adopt(items[0])  # B owns the fd from here
+        a.release_parked()
+        assert await asyncio.to_thread(post, conn) == "B"
+        assert conn.sock is client_socket, "the client had to reconnect"
+        assert await asyncio.to_thread(post, conn) == "B"
+        conn.close()
+        await until(lambda: b.inflight == 0 and a.inflight == 0)
+        a.close()
+        b.close()
+
+    run(body)
+
+
+def test_a_rolled_back_hand_over_serves_the_parked_connection_on() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        assert await asyncio.to_thread(post, conn) == "A"
+        client_socket = conn.sock
+        a.pause(carry=True)
+        assert await a.wait_idle(2.0)
+        for item in a.parked():  # the successor failed: its copies are closed
+            os.close(item.fd)
+        a.resume()
+        assert await asyncio.to_thread(post, conn) == "A"
+        assert conn.sock is client_socket
+        conn.close()
+        a.close()
+
+    run(body)
+
+
+def test_without_carry_an_idle_connection_is_still_closed_gracefully() -> None:
+    async def body(sock: socket.socket) -> None:
+        a = listener(sock, "A", [])
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        assert await asyncio.to_thread(post, conn) == "A"
+        a.pause()
+        assert await a.wait_idle(3.0)
+        assert a.parked() == []
+        conn.close()
+        a.close()
+
+    run(body)
+
+
+# -- WebSockets ---------------------------------------------------------------------
+
+
+def open_ws(sock: socket.socket) -> ClientConnection:
+    """A client connection, entered as the context manager websockets wants
+    (closed by ``ws.close()``)."""
+    return connect(f"ws://127.0.0.1:{port_of(sock)}/ws", open_timeout=10).__enter__()
+
+
+def ws_say(ws: ClientConnection, text: str) -> str:
+    ws.send(text)
+    return str(ws.recv(timeout=10))
+
+
+def test_a_websocket_moves_without_a_close_or_a_second_handshake() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events, resume=True)
+        ws = await asyncio.to_thread(open_ws, sock)
+        tag, text, ident, resumed = (await asyncio.to_thread(ws_say, ws, "one")).split(":")
+        assert (tag, text, resumed) == ("A", "one", "False")
+        a.pause(carry=True)
+        assert await a.wait_idle(2.0)
+        items = a.parked()
+        assert [item.kind for item in items] == ["websocket"]
+        assert items[0].meta["id"] == ident
+        b = listener(sock, "B", events, resume=True, accepting=False)
+        b.adopt(items[0])
+        a.release_parked()
+        await until(lambda: ("disconnect", "A", 1012) in events)  # A's app ended
+        assert await asyncio.to_thread(ws_say, ws, "two") == f"B:two:{ident}:True"
+        assert await asyncio.to_thread(ws_say, ws, "three") == f"B:three:{ident}:True"
+        await asyncio.to_thread(ws.close)
+        await until(lambda: ("disconnect", "B", 1000) in events)
+        await until(lambda: b.inflight == 0)
+        a.close()
+        b.close()
+
+    run(body)
+
+
+def test_a_websocket_parked_then_rolled_back_stays_with_the_old_generation() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events, resume=True)
+        ws = await asyncio.to_thread(open_ws, sock)
+        assert (await asyncio.to_thread(ws_say, ws, "one")).startswith("A:one:")
+        a.pause(carry=True)
+        assert await a.wait_idle(2.0)
+        for item in a.parked():
+            os.close(item.fd)
+        a.resume()
+        assert (await asyncio.to_thread(ws_say, ws, "two")).startswith("A:two:")
+        await asyncio.to_thread(ws.close)
+        await until(lambda: a.inflight == 0)
+        assert not [event for event in events if event[0] == "disconnect" and event[2] == 1012]
+        a.close()
+
+    run(body)
+
+
+def test_in_close_mode_a_hand_over_closes_each_websocket_with_1012_first() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        ws = await asyncio.to_thread(open_ws, sock)
+        assert (await asyncio.to_thread(ws_say, ws, "one")).startswith("A:one:")
+        a.pause(carry=True)
+        started = time.monotonic()
+        assert await a.wait_idle(5.0)  # the close handshake is over
+        assert time.monotonic() - started < 2.0
+        assert a.parked() == []
+        assert ("disconnect", "A", 1012) in events
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.to_thread(ws.recv, 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        a.close()
+
+    run(body)
+
+
+# -- streams, SSE, work after the response ---------------------------------------------
+
+
+def read_sse_until_closed(port: int, started: Callable[[], None]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"id: 2\n\n" not in data:
+            data += client.recv(4096)
+        started()
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_an_sse_response_is_ended_cleanly_at_a_pause() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        loop = asyncio.get_running_loop()
+        streaming = asyncio.Event()
+        reader = asyncio.ensure_future(asyncio.to_thread(
+            read_sse_until_closed, port_of(sock),
+            lambda: loop.call_soon_threadsafe(streaming.set)))
+        await streaming.wait()
+        a.pause(carry=True)
+        assert await a.wait_idle(3.0)
+        data = await reader
+        assert data.endswith(b"0\r\n\r\n"), data[-40:]
+        assert ("sse disconnect", "A") in events
+        a.close()
+
+    run(body)
+
+
+def test_a_streaming_download_does_not_hold_the_hand_over_and_finishes() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        download = asyncio.ensure_future(asyncio.to_thread(post, conn, "/stream"))
+        await until(lambda: any(call.streaming for call in a._calls))
+        a.pause(carry=True)
+        assert await a.wait_idle(0.3), "the download held the pause"
+        assert ("stream done", "A") not in events
+        assert await download == "x" * 10  # whole, from A
+        assert ("stream done", "A") in events
+        assert a.parked() == []  # closed after its response, not moved
+        await until(lambda: not a._connections)
+        conn.close()
+        # A drain (a pause without carry) does wait for a download.
+        a.resume()
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        download = asyncio.ensure_future(asyncio.to_thread(post, conn, "/stream"))
+        await until(lambda: any(call.streaming for call in a._calls))
+        a.pause()
+        assert not await a.wait_idle(0.3)
+        assert await download == "x" * 10
+        conn.close()
+        a.close()
+
+    run(body)
+
+
+def test_work_after_the_response_holds_the_pause() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events)
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        assert await asyncio.to_thread(post, conn, "/bg") == "A"  # answered; work goes on
+        a.pause(carry=True)
+        assert ("bg done", "A") not in events
+        assert await a.wait_idle(5.0)
+        assert ("bg done", "A") in events, "the pause did not wait for the background work"
+        a.resume()  # its connection was parked: served again, it sees the client leave
+        conn.close()
+        await until(lambda: not a._connections)
+        a.close()
+
+    run(body)
+
+
+def test_a_drain_cut_is_logged_with_what_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(sock: socket.socket) -> None:
+        a = listener(sock, "A", [])
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        assert await asyncio.to_thread(post, conn, "/forever") == "A"
+        a.pause()
+        assert not await a.wait_idle(0.2)
+        assert await a.cancel_inflight() >= 1
+        conn.close()
+        a.close()
+
+    with caplog.at_level(logging.WARNING):
+        run(body)
+    cut = [r.getMessage() for r in caplog.records if "drain_timeout cut" in r.getMessage()]
+    assert len(cut) == 1, caplog.text
+    assert cut[0].startswith("drain_timeout cut: POST /forever (")
+    assert "work after its response" in cut[0]
+    assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
