@@ -28,33 +28,51 @@ from typing import Any
 import pytest
 import uvicorn
 import uvloop
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
-
 from hotsup.worker.asgi import HttpConnection, HttpListener
 from hotsup.worker.websocket import WebSocketConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 pytestmark = pytest.mark.timeout(60)
 
 LOG = logging.getLogger("test.carry")
 
 
-def make_app(tag: str, events: list[Any]) -> Callable[..., Awaitable[None]]:
+class App:
     """A raw ASGI app whose answers name ``tag``; what it sees goes in ``events``."""
 
-    async def websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __init__(self, tag: str, events: list[Any]) -> None:
+        self.tag = tag
+        self.events = events
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+            return
+        if scope["path"] == "/sse":
+            await self.sse(receive, send)
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        if scope["path"] == "/stream":
+            await self.stream(send)
+        else:
+            await self.plain(scope["path"], send)
+
+    async def websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         connection = scope["extensions"]["hotsup.connection"]
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                events.append(("disconnect", tag, message.get("code")))
+                self.events.append(("disconnect", self.tag, message.get("code")))
                 return
-            await send({"type": "websocket.send", "text": f"{tag}:{message.get('text')}:"
+            await send({"type": "websocket.send", "text": f"{self.tag}:{message.get('text')}:"
                         f"{connection['id']}:{connection['resumed']}"})
 
-    async def sse(receive: Any, send: Any) -> None:
+    async def sse(self, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         gone = asyncio.Event()
@@ -62,7 +80,7 @@ def make_app(tag: str, events: list[Any]) -> Callable[..., Awaitable[None]]:
         async def listen() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            events.append(("sse disconnect", tag))
+            self.events.append(("sse disconnect", self.tag))
             gone.set()
 
         listening = asyncio.ensure_future(listen())
@@ -75,42 +93,30 @@ def make_app(tag: str, events: list[Any]) -> Callable[..., Awaitable[None]]:
                 await asyncio.wait_for(gone.wait(), 0.05)
         await listening
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            await websocket(scope, receive, send)
-            return
-        path = scope["path"]
-        if path == "/sse":
-            await sse(receive, send)
-            return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
-        if path == "/stream":  # 10 parts, 0.1 s apart
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", b"10")]})
-            for _ in range(9):
-                await send({"type": "http.response.body", "body": b"x", "more_body": True})
-                await asyncio.sleep(0.1)
-            await send({"type": "http.response.body", "body": b"x"})
-            events.append(("stream done", tag))
-            return
-        body = tag.encode()
+    async def stream(self, send: Any) -> None:  # 10 parts, 0.1 s apart
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})
+        for _ in range(9):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(0.1)
+        await send({"type": "http.response.body", "body": b"x"})
+        self.events.append(("stream done", self.tag))
+
+    async def plain(self, path: str, send: Any) -> None:
+        body = self.tag.encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
         if path == "/bg":  # work after the response
             await asyncio.sleep(0.5)
-            events.append(("bg done", tag))
+            self.events.append(("bg done", self.tag))
         if path == "/forever":
             await asyncio.sleep(60)
-
-    return app
 
 
 def listener(sock: socket.socket, tag: str, events: list[Any], resume: bool = False,
              accepting: bool = True) -> HttpListener:
-    app = make_app(tag, events)
+    app = App(tag, events)
     config = uvicorn.Config(app=lambda: app, factory=True, http=HttpConnection,
                             ws=WebSocketConnection, ws_per_message_deflate=not resume,
                             lifespan="off", log_config=None)
