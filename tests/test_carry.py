@@ -341,6 +341,8 @@ def test_a_streaming_download_does_not_hold_the_hand_over_and_finishes() -> None
         await until(lambda: any(call.streaming for call in a._calls))
         a.pause(carry=True)
         assert await a.wait_idle(0.3), "the download held the pause"
+        assert [call.describe(time.monotonic()).split(" (")[0]
+                for call in a.streaming_at_pause()] == ["POST /stream"]
         assert ("stream done", "A") not in events
         assert await download == "x" * 10  # whole, from A
         assert ("stream done", "A") in events

@@ -116,8 +116,26 @@ class AsgiBundle:
         # What a service bundle gets as ctx, an app finds in every scope's
         # state (lifespan and requests): scope["state"]["hotsup"].
         self.lifespan.state["hotsup"] = ctx
-        self.snapshot = _hook(module, "hotsup_snapshot")
+        snapshot = _hook(module, "hotsup_snapshot")
+        self.snapshot = None if snapshot is None else self._noting_streams(snapshot)
         self.restore = _hook(module, "hotsup_restore")
+
+    def _noting_streams(self, snapshot: Any) -> Any:
+        """``snapshot``, which logs each response still streaming when it is
+        taken at a pause: such a response finishes on this generation, and
+        what it changes from now on is not in the state handed over."""
+
+        def noting() -> Any:
+            now = time.monotonic()
+            for listener in self.ctx.listeners:
+                if isinstance(listener, HttpListener):
+                    for call in listener.streaming_at_pause():
+                        self.ctx.log.warning(
+                            "a response was still streaming at the snapshot: %s; its changes "
+                            "to state after the snapshot are not carried", call.describe(now))
+            return snapshot()
+
+        return noting
 
     @classmethod
     async def load(cls, ctx: BundleContext, entry: str, factory: bool,
@@ -227,6 +245,13 @@ class HttpListener(Listener):
         calls = sum(1 for call in self._calls
                     if call.holds(hand_over) and call.connection not in held)
         return len(held) + calls + len(self._sockets)
+
+    def streaming_at_pause(self) -> list[Call]:
+        """The calls streaming a response while paused (they finish here)."""
+        if not self._closing:
+            return []
+        return [call for call in self._calls if call.streaming and not call.responded
+                and not call.sse]
 
     def _refresh(self) -> None:
         # Only a pause or a drain waits on _idle: serving costs nothing here.
