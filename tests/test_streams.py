@@ -172,7 +172,7 @@ def test_an_sse_client_reconnects_to_the_new_generation_with_its_last_event_id(
     assert not client.broken, client.broken
     assert client.clean_ends == 1
     numbers = [number for number, _ in client.ids]
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "an id repeated or skipped"
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "repeated or skipped"
     tags = [tag for _, tag in client.ids]
     assert tags == sorted(tags), "old code answered after new code"
     assert float(swapped) < 1000, f"the open stream held the pause {swapped} ms"
