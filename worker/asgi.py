@@ -674,6 +674,12 @@ class HttpConnection(HttpToolsProtocol):
         protocol.data_received(b"".join(output))
         self.transport.set_protocol(protocol)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn's own text tells the user to install a library, which is
+        # not the reason here: only asgi bundles serve WebSockets.
+        self.logger.warning("an upgrade request (%s) was answered as plain HTTP: only asgi "
+                            "bundles serve WebSockets", self._get_upgrade() or b"?")
+
     def holds(self, hand_over: bool) -> bool:
         """Whether a pause waits for this connection (``HttpListener``'s table)."""
         if self.parked:

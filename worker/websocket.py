@@ -179,6 +179,8 @@ class WebSocketConnection(WebSocketsSansIOProtocol):
 
     async def receive(self) -> Any:
         self._receiving = True
+        if self.queue.empty():  # the app waits for the client: a frame boundary, maybe
+            self._changed()
         try:
             return await super().receive()
         finally:
