@@ -228,6 +228,7 @@ class HttpListener(Listener):
         self._collected = False  # parked() was called: what parks now is too late
         self._park_deadline: asyncio.TimerHandle | None = None
         self._enders: set[asyncio.Task[None]] = set()
+        self._waiters = 0  # wait_idle() calls under way
         self._grace = LAST_REQUEST_GRACE
         self._clock: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -254,8 +255,9 @@ class HttpListener(Listener):
                 and not call.sse]
 
     def _refresh(self) -> None:
-        # Only a pause or a drain waits on _idle: serving costs nothing here.
-        if not self._closing:
+        # Only a pause, a drain or a wait_idle() looks at _idle: while serving
+        # nobody does, and keeping it costs nothing.
+        if not (self._closing or self._waiters):
             return
         if self.inflight:
             self._idle.clear()
@@ -264,11 +266,9 @@ class HttpListener(Listener):
 
     def _opened(self, connection: HttpConnection) -> None:
         self._connections.add(connection)
-        if not self._closing:
-            return
-        if self._hand_over and not self._collected:  # accepted just before the pause
-            connection.hand_over()
-        else:
+        if self._closing and self._hand_over and not self._collected:
+            connection.hand_over()  # accepted just before the pause
+        elif self._closing:
             connection.close_gracefully(self._grace)
         self._refresh()
 
@@ -458,8 +458,12 @@ class HttpListener(Listener):
             self._grace = timeout / 2
             for connection in list(self._connections):
                 connection.shorten_grace(self._grace)
-        self._refresh()
-        return await super().wait_idle(timeout)
+        self._waiters += 1
+        try:
+            self._refresh()
+            return await super().wait_idle(timeout)
+        finally:
+            self._waiters -= 1
 
     async def cancel_inflight(self) -> int:
         """End what a drain left: WebSockets with 1012, the rest cut; each logged."""
