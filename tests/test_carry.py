@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import logging
 import os
+import pickle
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,7 @@ class App:
 
     async def websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         connection = scope["extensions"]["hotsup.connection"]
+        scope["app"] = lambda: None  # what frameworks add: not picklable, not carried
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
         while True:
@@ -240,6 +242,8 @@ def test_a_websocket_moves_without_a_close_or_a_second_handshake() -> None:
         items = a.parked()
         assert [item.kind for item in items] == ["websocket"]
         assert items[0].meta["id"] == ident
+        meta = pickle.loads(pickle.dumps(items[0].meta))  # it travels like a snapshot
+        assert meta["scope"]["path"] == "/ws" and "app" not in meta["scope"]
         b = listener(sock, "B", events, resume=True, accepting=False)
         b.adopt(items[0])
         a.release_parked()

@@ -79,6 +79,7 @@ class WebSocketConnection(WebSocketsSansIOProtocol):
         self.resumed = carried is not None
         self._carried = carried
         self._app_running = False  # the app's call has begun and not returned
+        self._handshake_scope: dict[str, Any] = {}
         self._lost = False
         self._receiving = False  # the app waits in receive()
         self.parked = False
@@ -133,6 +134,7 @@ class WebSocketConnection(WebSocketsSansIOProtocol):
         scope["extensions"] = {**meta["scope"].get("extensions", {}),
                                EXTENSION: {"id": self.id, "resumed": True}}
         self.scope = scope
+        self._handshake_scope = dict(meta["scope"])
         self.queue.put_nowait({"type": "websocket.connect"})
         self._start_app()
         if self._carried.buffered:  # read by the predecessor, not parsed: it goes first
@@ -153,8 +155,12 @@ class WebSocketConnection(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # accepted by websockets: the app is called with it
-            # uvicorn made the app's task; it has not run yet.
+            # uvicorn made the app's task; it has not run yet. The scope as
+            # the handshake made it, before a framework adds its objects to
+            # it (Starlette's app, router, endpoint): what a successor gets.
             scope["extensions"][EXTENSION] = {"id": self.id, "resumed": False}
+            self._handshake_scope = {key: value for key, value in scope.items()
+                                     if key != "state"}
             self._app_running = True
 
     def _start_app(self) -> None:
@@ -252,9 +258,8 @@ class WebSocketConnection(WebSocketsSansIOProtocol):
         caller owns it), the unparsed bytes, the scope (without ``state``,
         which is the generation's) and the id."""
         sock: socket.socket = self.transport.get_extra_info("socket")
-        scope: dict[str, Any] = {key: value for key, value in self.scope.items()
-                                 if key != "state"}
-        extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+        scope = dict(self._handshake_scope)
+        extensions: dict[str, Any] = dict(scope.get("extensions") or {})
         extensions.pop(EXTENSION, None)
         scope["extensions"] = extensions
         return Carried(kind=KIND, fd=os.dup(sock.fileno()), buffered=bytes(self._unframed),
