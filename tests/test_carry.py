@@ -31,6 +31,9 @@ import uvicorn
 import uvloop
 from hotsup.worker.asgi import HttpConnection, HttpListener
 from hotsup.worker.websocket import WebSocketConnection
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -116,9 +119,26 @@ class App:
             await asyncio.sleep(60)
 
 
+def starlette_app(tag: str, events: list[Any]) -> Any:
+    """The same WebSocket echo, as a Starlette app."""
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        connection = websocket.scope["extensions"]["hotsup.connection"]
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(f"{tag}:{text}:{connection['id']}:"
+                                          f"{connection['resumed']}")
+        except WebSocketDisconnect as gone:
+            events.append(("disconnect", tag, gone.code))
+
+    return Starlette(routes=[WebSocketRoute("/ws", echo)])
+
+
 def listener(sock: socket.socket, tag: str, events: list[Any], resume: bool = False,
-             accepting: bool = True) -> HttpListener:
-    app = App(tag, events)
+             accepting: bool = True, framework: bool = False) -> HttpListener:
+    app = starlette_app(tag, events) if framework else App(tag, events)
     config = uvicorn.Config(app=lambda: app, factory=True, http=HttpConnection,
                             ws=WebSocketConnection, ws_per_message_deflate=not resume,
                             lifespan="off", log_config=None)
@@ -230,10 +250,11 @@ def ws_say(ws: ClientConnection, text: str) -> str:
     return str(ws.recv(timeout=10))
 
 
-def test_a_websocket_moves_without_a_close_or_a_second_handshake() -> None:
+@pytest.mark.parametrize("framework", [False, True], ids=["raw", "starlette"])
+def test_a_websocket_moves_without_a_close_or_a_second_handshake(framework: bool) -> None:
     async def body(sock: socket.socket) -> None:
         events: list[Any] = []
-        a = listener(sock, "A", events, resume=True)
+        a = listener(sock, "A", events, resume=True, framework=framework)
         ws = await asyncio.to_thread(open_ws, sock)
         tag, text, ident, resumed = (await asyncio.to_thread(ws_say, ws, "one")).split(":")
         assert (tag, text, resumed) == ("A", "one", "False")
@@ -244,7 +265,7 @@ def test_a_websocket_moves_without_a_close_or_a_second_handshake() -> None:
         assert items[0].meta["id"] == ident
         meta = pickle.loads(pickle.dumps(items[0].meta))  # it travels like a snapshot
         assert meta["scope"]["path"] == "/ws" and "app" not in meta["scope"]
-        b = listener(sock, "B", events, resume=True, accepting=False)
+        b = listener(sock, "B", events, resume=True, accepting=False, framework=framework)
         b.adopt(items[0])
         a.release_parked()
         await until(lambda: ("disconnect", "A", 1012) in events)  # A's app ended
