@@ -23,13 +23,16 @@ import os
 import pickle
 import socket
 import time
+import types
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 import uvloop
-from hotsup.worker.asgi import HttpConnection, HttpListener
+from hotsup.worker.asgi import AsgiBundle, HttpConnection, HttpListener
+from hotsup.worker.context import BundleContext
 from hotsup.worker.websocket import WebSocketConnection
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -425,3 +428,36 @@ def test_a_drain_cut_is_logged_with_what_it_was(caplog: pytest.LogCaptureFixture
     assert "work after its response" in cut[0]
     assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_the_snapshot_names_a_response_still_streaming(caplog: pytest.LogCaptureFixture) -> None:
+    """``AsgiBundle.snapshot`` (the entry module's hook) logs each download
+    that streams on through a hand-over: its later changes are not carried."""
+
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        module = types.SimpleNamespace(hotsup_snapshot=lambda: {"count": 1})
+        ctx = BundleContext("web", 1, {}, {"http": sock}, Path("."), LOG)
+        bundle = AsgiBundle(ctx, App("A", events), module)
+        await bundle.start()
+        (a,) = ctx.listeners
+        a.resume()
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(sock), timeout=10)
+        download = asyncio.ensure_future(asyncio.to_thread(post, conn, "/stream"))
+        assert isinstance(a, HttpListener)
+        await until(lambda: any(call.streaming for call in a._calls))
+        a.pause(carry=True)
+        assert await a.wait_idle(0.3)
+        assert bundle.snapshot() == {"count": 1}
+        assert await download == "x" * 10
+        conn.close()
+        a.close()
+        for copy in ctx.sockets.values():
+            copy.close()
+
+    with caplog.at_level(logging.WARNING):
+        run(body)
+    noted = [r.getMessage() for r in caplog.records if "still streaming" in r.getMessage()]
+    assert len(noted) == 1, caplog.text
+    assert noted[0].startswith("a response was still streaming at the snapshot: POST /stream (")
+    assert noted[0].endswith("its changes to state after the snapshot are not carried")
