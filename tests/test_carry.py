@@ -77,6 +77,17 @@ class App:
             if message["type"] == "websocket.disconnect":
                 self.events.append(("disconnect", self.tag, message.get("code")))
                 return
+            if message.get("text") == "push":  # sends on its own, never in receive() again
+                self.events.append(("push", self.tag))
+                with contextlib.suppress(OSError):
+                    while True:
+                        await send({"type": "websocket.send", "text": "pushed"})
+                        await asyncio.sleep(0.02)
+                self.events.append(("push ended", self.tag))
+                return
+            if message.get("text") == "slow":  # busy with a message: work in flight
+                self.events.append(("slow", self.tag))
+                await asyncio.sleep(1.0)
             await send({"type": "websocket.send", "text": f"{self.tag}:{message.get('text')}:"
                         f"{connection['id']}:{connection['resumed']}"})
 
@@ -301,6 +312,55 @@ def test_a_websocket_parked_then_rolled_back_stays_with_the_old_generation() -> 
         a.close()
 
     run(body)
+
+
+def drain_until_closed(ws: ClientConnection) -> int:
+    """Read until the server closes: its close code."""
+    try:
+        while True:
+            ws.recv(timeout=10)
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None
+        return closed.rcvd.code
+
+
+def test_a_websocket_never_at_a_frame_boundary_is_closed_with_1012_within_the_bound() -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events, resume=True)
+        ws = await asyncio.to_thread(open_ws, sock)
+        await asyncio.to_thread(ws.send, "push")
+        await until(lambda: ("push", "A") in events)
+        a.pause(carry=True)
+        started = time.monotonic()
+        assert await a.wait_idle(5.0)
+        assert time.monotonic() - started < 0.8, "the pushing WebSocket held the pause"
+        assert a.parked() == []
+        assert await asyncio.to_thread(drain_until_closed, ws) == 1012
+        assert ("push ended", "A") in events
+        a.close()
+
+    run(body)
+
+
+def test_a_websocket_app_busy_with_a_message_is_waited_for_and_said(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events, resume=True)
+        ws = await asyncio.to_thread(open_ws, sock)
+        await asyncio.to_thread(ws.send, "slow")
+        await until(lambda: ("slow", "A") in events)
+        a.pause(carry=True)
+        assert await a.wait_idle(5.0)  # the message was handled before the snapshot
+        assert await asyncio.to_thread(drain_until_closed, ws) == 1012
+        a.close()
+
+    with caplog.at_level(logging.INFO):
+        run(body)
+    held = [r.getMessage() for r in caplog.records if "held the pause" in r.getMessage()]
+    assert len(held) == 1, caplog.text
+    assert "WebSocket /ws" in held[0], held[0]
 
 
 def test_in_close_mode_a_hand_over_closes_each_websocket_with_1012_first() -> None:

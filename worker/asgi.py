@@ -67,7 +67,11 @@ SHUTDOWN_TIMEOUT = 3.0
 
 #: How long a hand-over waits for a WebSocket to reach a frame boundary (its
 #: app waiting in ``receive()``) before closing it with 1012 instead.
-PARK_WAIT = 1.0
+PARK_WAIT = 0.25
+
+#: A pause that lasts longer than this logs what held it (more than an idle
+#: connection's grace, which is no news).
+HELD_NOTICE = 0.6
 
 
 def socket_name(sockets: dict[str, Any]) -> str:
@@ -421,8 +425,10 @@ class HttpListener(Listener):
             return
         try:
             sock = socket.socket(fileno=item.fd)
-        except OSError as exc:
+        except OSError as exc:  # not a socket: ours to close all the same
             self._log.warning("a carried %s connection cannot be taken up: %s", item.kind, exc)
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
             return
         sock.setblocking(False)
         task = self._loop.create_task(self._take_up(item, sock))
@@ -459,11 +465,31 @@ class HttpListener(Listener):
             for connection in list(self._connections):
                 connection.shorten_grace(self._grace)
         self._waiters += 1
+        started = time.monotonic()
+        held: list[str] = []
+        notice = self._loop.call_later(HELD_NOTICE, lambda: held.extend(self._holding()))
         try:
             self._refresh()
-            return await super().wait_idle(timeout)
+            idle = await super().wait_idle(timeout)
         finally:
             self._waiters -= 1
+            notice.cancel()
+        if held:  # what kept new connections waiting in the backlog that long
+            self._log.info("%s held the pause %.1fs", "; ".join(held),
+                           time.monotonic() - started)
+        return idle
+
+    def _holding(self) -> list[str]:
+        """What the pause waits for, in words (for the log)."""
+        now = time.monotonic()
+        hand_over = self._hand_over
+        words = [call.describe(now) for call in self._calls if call.holds(hand_over)]
+        words += [f"WebSocket {ws.path} ({now - ws.opened:.1f}s old)" for ws in self._sockets]
+        busy = sum(1 for conn in self._connections
+                   if conn.holds(hand_over) and not conn.calls)
+        if busy:
+            words.append(f"{busy} connection(s) between requests")
+        return words
 
     async def cancel_inflight(self) -> int:
         """End what a drain left: WebSockets with 1012, the rest cut; each logged."""

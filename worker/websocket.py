@@ -50,8 +50,10 @@ from .listener import Carried
 SERVICE_RESTART = 1012
 
 #: How long a close for a swap waits for the client's answer before the
-#: connection is dropped (a pause waits at most this for a WebSocket).
-CLOSE_WAIT = 1.0
+#: connection is dropped (a pause waits at most this for a WebSocket). With
+#: ``asgi.PARK_WAIT`` it bounds what open WebSockets add to a hand-over's
+#: pause (new connections wait that long in the backlog): 0.5 s at most.
+CLOSE_WAIT = 0.25
 
 #: What a carried WebSocket's ``meta`` holds (``Carried.kind == "websocket"``).
 KIND = "websocket"
