@@ -571,6 +571,7 @@ class Call:
         changed = False
         if kind == "http.response.start":
             self.sse = _is_event_stream(message.get("headers", ()))
+            changed = self.sse  # an SSE stream begun during a pause ends at once
         elif kind == "http.response.body":
             more = message.get("more_body", False)
             changed = not more or not self.streaming
