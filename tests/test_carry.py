@@ -33,12 +33,17 @@ import uvicorn
 import uvloop
 from hotsup.worker.asgi import AsgiBundle, HttpConnection, HttpListener
 from hotsup.worker.context import BundleContext
-from hotsup.worker.websocket import WebSocketConnection
+from hotsup.worker.websocket import WebSocketConnection, _complete_frames
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.sync.client import ClientConnection, connect
+from websockets.uri import parse_uri
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -287,6 +292,79 @@ def test_a_websocket_moves_without_a_close_or_a_second_handshake(framework: bool
         assert await asyncio.to_thread(ws_say, ws, "three") == f"B:three:{ident}:True"
         await asyncio.to_thread(ws.close)
         await until(lambda: ("disconnect", "B", 1000) in events)
+        await until(lambda: b.inflight == 0)
+        a.close()
+        b.close()
+
+    run(body)
+
+
+def test_frame_boundaries_are_found_in_the_raw_stream() -> None:
+    def frame(payload: bytes, masked: bool = True) -> bytes:
+        client = ClientProtocol(parse_uri("ws://x/")) if masked else ServerProtocol()
+        client.state = State.OPEN
+        client.send_binary(payload)
+        return b"".join(client.data_to_send())
+
+    small, medium, large = frame(b"a" * 10), frame(b"b" * 300), frame(b"c" * 70000)
+    assert _complete_frames(bytearray(small)) == len(small)
+    assert _complete_frames(bytearray(small + medium + large)) == len(small + medium + large)
+    stream = small + medium + large[:5]
+    for cut in range(len(stream)):
+        done = _complete_frames(bytearray(stream[:cut]))
+        assert done in (0, len(small), len(small + medium)), cut
+        assert done <= cut
+    unmasked = frame(b"d" * 200, masked=False)
+    assert _complete_frames(bytearray(unmasked + unmasked[:3])) == len(unmasked)
+
+
+def raw_ws_client(port: int) -> tuple[socket.socket, ClientProtocol]:
+    """A WebSocket client on a plain socket (websockets' sans-IO protocol), so
+    a test can send half a frame."""
+    client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws"))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.send_request(client.connect())
+    sock.sendall(b"".join(client.data_to_send()))
+    while client.state is not State.OPEN:
+        client.receive_data(sock.recv(65536))
+    client.events_received()
+    return sock, client
+
+
+def raw_ws_recv(sock: socket.socket, client: ClientProtocol) -> str:
+    while True:
+        for event in client.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                return bytes(event.data).decode()
+        data = sock.recv(65536)
+        assert data, "closed by the server"
+        client.receive_data(data)
+
+
+def test_a_websocket_moves_in_the_middle_of_a_frame() -> None:
+    """Half a frame read by A goes to B in ``Carried.buffered``; the other
+    half comes from the socket: B gets the whole message."""
+
+    async def body(sock: socket.socket) -> None:
+        events: list[Any] = []
+        a = listener(sock, "A", events, resume=True)
+        raw, client = await asyncio.to_thread(raw_ws_client, port_of(sock))
+        await until(lambda: any(ws.parkable for ws in a._sockets))
+        client.send_text(b"split" * 100)
+        message = b"".join(client.data_to_send())
+        raw.sendall(message[:200])
+        await until(lambda: any(len(ws._unframed) == 200 for ws in a._sockets))
+        a.pause(carry=True)
+        assert await a.wait_idle(2.0)
+        (item,) = a.parked()
+        assert item.buffered == message[:200]
+        b = listener(sock, "B", events, resume=True, accepting=False)
+        b.adopt(item)
+        a.release_parked()
+        raw.sendall(message[200:])
+        reply = await asyncio.to_thread(raw_ws_recv, raw, client)
+        assert reply.startswith("B:" + "split" * 100 + ":") and reply.endswith(":True")
+        raw.close()
         await until(lambda: b.inflight == 0)
         a.close()
         b.close()

@@ -34,7 +34,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from uvicorn.config import Config
@@ -314,7 +313,3 @@ def _complete_frames(data: bytearray) -> int:
             break
         at += head + length
     return at
-
-
-#: Makes a ``WebSocketConnection``: what ``HttpConnection`` calls at an upgrade.
-Factory = Callable[..., WebSocketConnection]
