@@ -74,8 +74,10 @@ def start(hotsup: MakeHotsup, source: str, manifest: str = "") -> tuple[Hotsup, 
     return sup, port
 
 
-def test_websocket_echo_subprotocol_close_code_ping_and_scope(hotsup: MakeHotsup) -> None:
-    sup, port = start(hotsup, starlette_source("v0"))
+@pytest.mark.parametrize("mode", ["", 'websockets = "resume"'], ids=["default", "resume"])
+def test_websocket_echo_subprotocol_close_code_ping_and_scope(hotsup: MakeHotsup,
+                                                              mode: str) -> None:
+    sup, port = start(hotsup, starlette_source("v0"), mode)
     url = f"ws://127.0.0.1:{port}/ws"
     with connect(url, subprotocols=["chat.v1", "chat.v2"], open_timeout=10) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "chat.v2"
