@@ -285,7 +285,14 @@ class HttpListener(Listener):
         self._sockets.add(websocket)
         if self._closing and self._hand_over and not self._carry_websockets:
             websocket.close_for_swap()
+        elif self._closing and self._hand_over:
+            self._bound_parking()
         self._refresh()
+
+    def _bound_parking(self) -> None:
+        """WebSockets get ``PARK_WAIT`` to reach a frame boundary (from now)."""
+        if self._park_deadline is None:
+            self._park_deadline = self._loop.call_later(PARK_WAIT, self._stop_parking)
 
     def _ws_changed(self, websocket: WebSocketConnection) -> None:
         if websocket.finished:
@@ -374,8 +381,8 @@ class HttpListener(Listener):
                     self._ws_changed(websocket)
                 else:
                     websocket.close_for_swap()
-            if self._carry_websockets and self._sockets and self._park_deadline is None:
-                self._park_deadline = self._loop.call_later(PARK_WAIT, self._stop_parking)
+            if self._carry_websockets and self._sockets:
+                self._bound_parking()
         self._refresh()
 
     def _stop_parking(self) -> None:
