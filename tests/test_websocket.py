@@ -11,6 +11,7 @@ move) is in tests/test_carry.py, in one process.
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable
 
@@ -132,4 +133,65 @@ def test_in_overlap_mode_a_websocket_stays_with_its_generation_then_gets_1012(
     sup.wait_log(r"web@1: disconnected 1012")
     sup.wait_log(r"web@1: retired")
     assert "Traceback" not in sup.log()
+    assert sup.stop() == 0
+
+
+FASTAPI_SOURCE = '''
+import asyncio
+
+from fastapi import BackgroundTasks, FastAPI, WebSocket, WebSocketDisconnect
+
+TAG = {tag!r}
+state = {{"jobs": 0}}
+app = FastAPI()
+
+
+def hotsup_snapshot():
+    return dict(state)
+
+
+def hotsup_restore(saved):
+    state.update(saved)
+
+
+async def work():
+    print("job started", flush=True)
+    await asyncio.sleep(1.5)
+    state["jobs"] += 1
+
+
+@app.post("/job")
+async def job(background: BackgroundTasks):
+    background.add_task(work)
+    return {{"queued": True}}
+
+
+@app.websocket("/ws")
+async def echo(websocket: WebSocket):
+    await websocket.accept()
+    try:
+        while True:
+            text = await websocket.receive_text()
+            await websocket.send_text(f"{{TAG}}:{{text}}:jobs={{state['jobs']}}")
+    except WebSocketDisconnect:
+        pass
+'''
+
+
+def test_a_fastapi_app_with_a_websocket_and_a_background_task(hotsup: MakeHotsup) -> None:
+    sup, port = start(hotsup, FASTAPI_SOURCE.format(tag="v0"))
+    url = f"ws://127.0.0.1:{port}/ws"
+    with connect(url, open_timeout=10) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=10) == "v0:a:jobs=0"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/job")
+    assert json.loads(conn.getresponse().read()) == {"queued": True}
+    conn.close()
+    sup.wait_log(r"web@1: job started")
+    save(sup.bundles / "web" / "app.py", FASTAPI_SOURCE.format(tag="v1"))
+    sup.wait_log(r"web@2: swapped from web@1 .*hand-over")
+    with connect(url, open_timeout=10) as ws:  # the job's effect came along
+        ws.send("b")
+        assert ws.recv(timeout=10) == "v1:b:jobs=1"
     assert sup.stop() == 0
