@@ -1,5 +1,5 @@
-"""WebSockets in asgi bundles, end to end: a real ``hotsup start``, a Starlette
-app, the real ``websockets`` client.
+"""WebSockets in asgi bundles, end to end: a real ``hotsup start``, Starlette and FastAPI
+apps, the real ``websockets`` client.
 
 The protocol itself (subprotocols, close codes, ping/pong, the size limit) is
 uvicorn's; what these tests guard is that it is served at all (the worker once
