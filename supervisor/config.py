@@ -39,6 +39,7 @@ _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _ENTRY = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _KINDS = ("service", "asgi", "wsgi")
+_WEBSOCKET_MODES = ("close", "resume")
 #: What systemd allows in a FileDescriptorName= (sd_listen_fds_with_names(3)).
 _FDNAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
 #: A wsgi bundle's thread pool: a2wsgi's default, and a bound on what one worker runs.
@@ -131,6 +132,8 @@ class BundleSpec:
     uid: int | None = None
     gid: int | None = None
     threads: int = DEFAULT_THREADS  # kind = "wsgi": the app's thread pool
+    #: kind = "asgi": what a hand-over does to an open WebSocket ("close" or "resume").
+    websockets: str = "close"
 
 
 @dataclass(frozen=True)
@@ -371,7 +374,7 @@ _SUPERVISOR_KEYS = {
 }
 _MANIFEST_KEYS = {
     "entry", "kind", "factory", "version", "sockets", "settings", "multiprocessing_logging",
-    "user", "group", "threads",
+    "user", "group", "threads", "websockets",
 } | _TIMING_KEYS
 _OVERRIDE_KEYS = _MANIFEST_KEYS | {"path"}
 
@@ -715,6 +718,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
         problems.add("factory", 'only for kind = "asgi" or "wsgi" (a service entry is always '
                      "called as Entry(ctx)); remove the key")
     threads = _threads(data, kind, problems)
+    websockets = _websockets(data, kind, problems)
     version = _string(data, "version", "", "", problems)
     mp_logging = _bool(data, "multiprocessing_logging", "", problems)
     settings = _table(data, "settings", problems)
@@ -732,7 +736,7 @@ def load_bundle(source: BundleSource, config: Config) -> BundleSpec:
         name=source.name, path=source.path, entry=entry, kind=kind, factory=factory,
         version=version, sockets=sockets, settings=settings,
         multiprocessing_logging=mp_logging, timing=timing, uid=uid, gid=gid,
-        threads=threads,
+        threads=threads, websockets=websockets,
     )
 
 
@@ -840,6 +844,23 @@ def _threads(data: dict[str, Any], kind: str, problems: _Problems) -> int:
         problems.add("threads", f"must be at most {MAX_THREADS}, got {threads}")
         return DEFAULT_THREADS
     return threads
+
+
+def _websockets(data: dict[str, Any], kind: str, problems: _Problems) -> str:
+    """``websockets``: what a hand-over does to an asgi bundle's open WebSockets."""
+    if "websockets" not in data:
+        return "close"
+    value = data["websockets"]
+    if kind != "asgi":
+        problems.add("websockets", 'only for kind = "asgi" (what a hand-over does to its '
+                     "open WebSockets); remove the key")
+        return "close"
+    if value not in _WEBSOCKET_MODES:
+        problems.add("websockets", 'expected "close" (each open WebSocket is closed with 1012 '
+                     'at a hand-over) or "resume" (each moves to the new generation), got '
+                     f"{_describe(value)}")
+        return "close"
+    return str(value)
 
 
 def _sockets(

@@ -112,7 +112,8 @@ class WorkerProcess:
         spec: P.SpawnSpec = {
             "bundle": self.spec.name, "generation": self.generation, "path": str(self.spec.path),
             "entry": self.spec.entry, "kind": self.spec.kind, "factory": self.spec.factory,
-            "threads": self.spec.threads, "version": self.spec.version,
+            "threads": self.spec.threads, "websockets": self.spec.websockets,
+            "version": self.spec.version,
             "settings": self.spec.settings, "socket_names": names, "log_level": log_level,
             "multiprocessing_logging": self.spec.multiprocessing_logging,
             "uid": self.spec.uid, "gid": self.spec.gid,

@@ -560,6 +560,27 @@ def test_asgi_factory_and_kind_from_config_toml(tmp_path: Path) -> None:
     assert (spec.kind, spec.factory) == ("asgi", True)
 
 
+def test_websockets_mode_defaults_to_close_and_takes_resume(tmp_path: Path) -> None:
+    manifest = 'entry = "app:app"\nkind = "asgi"\n{}\n[sockets.http]\nbind = "127.0.0.1:8103"\n'
+    assert asgi_spec(tmp_path, manifest.format("")).websockets == "close"
+    assert asgi_spec(tmp_path, manifest.format('websockets = "resume"')).websockets == "resume"
+
+
+@pytest.mark.parametrize("value", ['"keep"', "1", '"Resume"'])
+def test_a_bad_websockets_mode_names_bundle_toml_and_the_key(tmp_path: Path, value: str) -> None:
+    problems = bundle_problems(tmp_path, f'entry = "app:app"\nkind = "asgi"\nwebsockets = {value}\n'
+                               '[sockets.http]\nbind = "127.0.0.1:8103"\n')
+    line = line_for(problems, manifest_prefix(tmp_path, "websockets"))
+    assert line.startswith('expected "close" (each open WebSocket is closed with 1012'), line
+    assert line.endswith(f"got {value}"), line
+
+
+def test_websockets_on_a_service_bundle_is_refused(tmp_path: Path) -> None:
+    problems = bundle_problems(tmp_path, 'entry = "app:App"\nwebsockets = "resume"\n')
+    assert line_for(problems, manifest_prefix(tmp_path, "websockets")).startswith(
+        'only for kind = "asgi"')
+
+
 def test_factory_on_a_service_bundle_is_refused(tmp_path: Path) -> None:
     problems = bundle_problems(tmp_path, 'entry = "app:App"\nfactory = true\n')
     assert line_for(problems, manifest_prefix(tmp_path, "factory")) == (

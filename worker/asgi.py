@@ -21,30 +21,37 @@ the worker's handler, tagged ``bundle@generation``). Each accepted socket is
 handed straight to uvicorn's protocol: between the client and the app there is
 nothing of hotsup, except on a connection that is being closed for a swap.
 
-How connections end at a swap (``HttpListener.pause``, for a hand-over pause and
-for the drain of a retirement alike): see ``HttpConnection.close_gracefully``.
+What happens to each connection at a swap is ``HttpListener``'s to decide (its
+docstring has the table); WebSockets are ``websocket.WebSocketConnection``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import select
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from email.utils import formatdate
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from . import importer
 from .context import BundleContext
 from .lifespan import AsgiApp, Lifespan, Message
-from .listener import Listener
+from .listener import Carried, Listener
 from .protocol import BACKLOG
+from .websocket import CLOSE_WAIT, WebSocketConnection
+
+#: ``websockets`` in bundle.toml: what a hand-over does to an open WebSocket.
+WEBSOCKET_MODES = ("close", "resume")
 
 #: How long a keep-alive connection that is idle when a swap starts may take to
 #: send one more request (answered with ``Connection: close``) before it is
@@ -57,6 +64,14 @@ _RECHECK = 0.05
 
 #: The lifespan shutdown's share of the retirement's STOP_GRACE (supervisor/swap.py).
 SHUTDOWN_TIMEOUT = 3.0
+
+#: How long a hand-over waits for a WebSocket to reach a frame boundary (its
+#: app waiting in ``receive()``) before closing it with 1012 instead.
+PARK_WAIT = 0.25
+
+#: A pause that lasts longer than this logs what held it (more than an idle
+#: connection's grace, which is no news).
+HELD_NOTICE = 0.6
 
 
 def socket_name(sockets: dict[str, Any]) -> str:
@@ -76,13 +91,24 @@ class AsgiBundle:
     snapshot: Any
     restore: Any
 
-    def __init__(self, ctx: BundleContext, app: Any, module: Any) -> None:
+    def __init__(self, ctx: BundleContext, app: Any, module: Any,
+                 websockets: str | None = "close") -> None:
+        """``websockets``: ``"close"`` or ``"resume"`` (bundle.toml), None for
+        no WebSocket support (wsgi bundles)."""
         self.ctx = ctx
         self.socket = socket_name(ctx.sockets)
+        if websockets is not None and websockets not in WEBSOCKET_MODES:
+            raise ValueError(f"websockets = {websockets!r}: expected one of "
+                             f"{', '.join(WEBSOCKET_MODES)}")
+        self.websockets = websockets
         # The app goes in as a factory of itself, so Config never calls the
-        # app to guess whether it is one; ws="none": no websocket support yet.
+        # app to guess whether it is one. permessage-deflate keeps a window
+        # per connection that cannot move to another process: off where
+        # WebSockets move.
         self.config = uvicorn.Config(
-            app=lambda: app, factory=True, http=HttpConnection, ws="none", lifespan="off",
+            app=lambda: app, factory=True, http=HttpConnection,
+            ws=WebSocketConnection if websockets is not None else "none",
+            ws_per_message_deflate=websockets != "resume", lifespan="off",
             log_config=None, interface="auto",
         )
         self.config.load()
@@ -94,11 +120,30 @@ class AsgiBundle:
         # What a service bundle gets as ctx, an app finds in every scope's
         # state (lifespan and requests): scope["state"]["hotsup"].
         self.lifespan.state["hotsup"] = ctx
-        self.snapshot = _hook(module, "hotsup_snapshot")
+        snapshot = _hook(module, "hotsup_snapshot")
+        self.snapshot = None if snapshot is None else self._noting_streams(snapshot)
         self.restore = _hook(module, "hotsup_restore")
 
+    def _noting_streams(self, snapshot: Any) -> Any:
+        """``snapshot``, which logs each response still streaming when it is
+        taken at a pause: such a response finishes on this generation, and
+        what it changes from now on is not in the state handed over."""
+
+        def noting() -> Any:
+            now = time.monotonic()
+            for listener in self.ctx.listeners:
+                if isinstance(listener, HttpListener):
+                    for call in listener.streaming_at_pause():
+                        self.ctx.log.warning(
+                            "a response was still streaming at the snapshot: %s; its changes "
+                            "to state after the snapshot are not carried", call.describe(now))
+            return snapshot()
+
+        return noting
+
     @classmethod
-    async def load(cls, ctx: BundleContext, entry: str, factory: bool) -> AsgiBundle:
+    async def load(cls, ctx: BundleContext, entry: str, factory: bool,
+                   websockets: str = "close") -> AsgiBundle:
         """Import ``entry`` (``module:attribute``), make the app, run its lifespan startup."""
         target = importer.resolve(entry)
         module = sys.modules[entry.partition(":")[0]]
@@ -106,13 +151,14 @@ class AsgiBundle:
         if not callable(app):
             made = f"{entry}() returned" if factory else f"{entry} is"
             raise TypeError(f"{made} {app!r}, which is not an ASGI application")
-        bundle = cls(ctx, app, module)
+        bundle = cls(ctx, app, module, websockets)
         await bundle.lifespan.startup()
         return bundle
 
     async def start(self) -> None:
         listener = HttpListener(self.socket, self.ctx.listening(self.socket), self.ctx.log,
-                                self.config, self.lifespan.state, self.ctx.accepting)
+                                self.config, self.lifespan.state, self.ctx.accepting,
+                                carry_websockets=self.websockets == "resume")
         self.ctx.listeners.append(listener)
 
     async def stop(self) -> None:
@@ -137,20 +183,58 @@ class HttpListener(Listener):
     Closing our copy of the socket loses nothing (the supervisor's copy keeps
     the backlog), and uvloop is given the shared backlog, never its default.
 
-    A connection is in flight (``inflight``, ``wait_idle``) from its accept
-    until it is closed. That is no obstacle to a pause: ``pause()`` makes every
-    connection close gracefully, idle keep-alive ones within
-    ``LAST_REQUEST_GRACE``, so only a request that is still being answered
-    keeps a pause or a drain waiting.
+    What a pause does to each connection, and what the pause waits for
+    (``inflight``, ``wait_idle``). ``pause(carry=True)`` is a hand-over's
+    pause; ``pause()`` any other (a retirement's drain, probation):
+
+    ============================  ==============================  =============================
+    connection                    ``pause(carry=True)``           ``pause()``
+    ============================  ==============================  =============================
+    request being answered        waited for; then as idle        waited for, ``Connection: close``
+    idle keep-alive               parked at once (``parked()``)   closed after the grace (0.5 s)
+    SSE (``text/event-stream``)   ended: terminating chunk, the   the same
+                                  app's ``receive()`` returns
+                                  ``http.disconnect``; waited for
+    other response sending body   not waited for, finishes here;  waited for
+                                  then parked if not yet
+                                  collected, else ended gently
+    work after the response       waited for (the ASGI call)      waited for
+    WebSocket, ``close``          closed with 1012, waited for    waited for; 1012 at
+                                  (at most ``CLOSE_WAIT``)        ``cancel_inflight()``
+    WebSocket, ``resume``         parked at a frame boundary,     the same as ``close``
+                                  else after ``PARK_WAIT`` 1012
+    ============================  ==============================  =============================
+
+    ``cancel_inflight()`` (the end of a drain) logs each thing it cuts with
+    what it was (method and path, or the WebSocket's path, and its age).
+
+    Carried connections: ``parked()`` returns a ``Carried`` per parked
+    connection whose ``fd`` is a fresh dup the caller owns and must close or
+    pass on; this listener keeps its own fd for each until
+    ``release_parked()`` (closes ours: no byte and no FIN reach the client,
+    the successor's fd keeps the socket open) or ``resume()`` (serves them
+    again, from where they stopped). ``adopt(item)`` owns ``item.fd`` from
+    the call on (closed with the connection) and serves it at once.
     """
 
     def __init__(self, name: str, sock: socket.socket, log: Any, config: uvicorn.Config,
-                 app_state: dict[str, Any], accepting: bool) -> None:
+                 app_state: dict[str, Any], accepting: bool,
+                 carry_websockets: bool = False) -> None:
         self._config = config
         self._app_state = app_state
         self._state = ServerState()
         self._connections: set[HttpConnection] = set()
-        self._closing = False  # paused: connections must end, new ones too
+        self._sockets: set[WebSocketConnection] = set()  # open, not parked
+        self._calls: set[Call] = set()
+        self._parked_ws: list[WebSocketConnection] = []
+        self._carry_websockets = carry_websockets
+        self._closing = False  # paused: connections must end (or move), new ones too
+        self._hand_over = False  # the pause is a hand-over's: pause(carry=True)
+        self._park_idle = False  # idle keep-alive connections park: pause(carry=True)
+        self._collected = False  # parked() was called: what parks now is too late
+        self._park_deadline: asyncio.TimerHandle | None = None
+        self._enders: set[asyncio.Task[None]] = set()
+        self._waiters = 0  # wait_idle() calls under way
         self._grace = LAST_REQUEST_GRACE
         self._clock: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -158,9 +242,90 @@ class HttpListener(Listener):
         self._tick()
         super().__init__(name, sock, log, accepting)
 
+    # -- what is in flight ---------------------------------------------------------
+
     @property
     def inflight(self) -> int:
-        return len(self._connections)
+        """What a pause (or drain) waits for now (the class docstring's table)."""
+        hand_over = self._hand_over
+        held = {conn for conn in self._connections if conn.holds(hand_over)}
+        calls = sum(1 for call in self._calls
+                    if call.holds(hand_over) and call.connection not in held)
+        return len(held) + calls + len(self._sockets)
+
+    def streaming_at_pause(self) -> list[Call]:
+        """The calls streaming a response while paused (they finish here)."""
+        if not self._closing:
+            return []
+        return [call for call in self._calls if call.streaming and not call.responded
+                and not call.sse]
+
+    def _refresh(self) -> None:
+        # Only a pause, a drain or a wait_idle() looks at _idle: while serving
+        # nobody does, and keeping it costs nothing.
+        if not (self._closing or self._waiters):
+            return
+        if self.inflight:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def _opened(self, connection: HttpConnection) -> None:
+        self._connections.add(connection)
+        if self._closing and self._park_idle and not self._collected:
+            connection.hand_over()  # accepted just before the pause
+        elif self._closing:
+            connection.close_gracefully(self._grace)
+        self._refresh()
+
+    def _ended(self, connection: HttpConnection) -> None:
+        self._connections.discard(connection)
+        self._refresh()
+
+    def _upgraded(self, connection: HttpConnection, websocket: WebSocketConnection) -> None:
+        self._connections.discard(connection)
+        self._sockets.add(websocket)
+        if self._closing and self._hand_over and not self._carry_websockets:
+            websocket.close_for_swap()
+        elif self._closing and self._hand_over:
+            self._bound_parking()
+        self._refresh()
+
+    def _bound_parking(self) -> None:
+        """WebSockets get ``PARK_WAIT`` to reach a frame boundary (from now)."""
+        if self._park_deadline is None:
+            self._park_deadline = self._loop.call_later(PARK_WAIT, self._stop_parking)
+
+    def _ws_changed(self, websocket: WebSocketConnection) -> None:
+        if websocket.finished:
+            self._sockets.discard(websocket)
+        elif (self._closing and self._hand_over and self._carry_websockets
+              and not self._collected and not websocket.parked and websocket.parkable):
+            websocket.park()
+            self._sockets.discard(websocket)
+            self._parked_ws.append(websocket)
+        self._refresh()
+
+    def _call_began(self, call: Call) -> None:
+        self._calls.add(call)
+
+    def _call_changed(self, call: Call) -> None:
+        if self._closing and call.sse and not call.ended:
+            self._end_stream(call)
+        elif self._closing and self._hand_over and call.streaming:
+            call.connection.stream_ends_here(call)
+        self._refresh()
+
+    def _call_ended(self, call: Call) -> None:
+        self._calls.discard(call)
+        self._refresh()
+
+    def _end_stream(self, call: Call) -> None:
+        task = self._loop.create_task(call.end())
+        self._enders.add(task)
+        task.add_done_callback(self._enders.discard)
+
+    # -- accepting -------------------------------------------------------------------
 
     def _set_reading(self, on: bool) -> None:
         if on and not self._reading:
@@ -192,44 +357,186 @@ class HttpListener(Listener):
     def _new_connection(self) -> HttpConnection:
         return HttpConnection(self._config, self._state, self._app_state, self)
 
-    def _opened(self, connection: HttpConnection) -> None:
-        self._connections.add(connection)
-        self._idle.clear()
-        if self._closing:  # accepted just before a pause
-            connection.close_gracefully(self._grace)
+    # -- a swap ----------------------------------------------------------------------
 
-    def _ended(self, connection: HttpConnection) -> None:
-        self._connections.discard(connection)
-        if not self._connections:
-            self._idle.set()
-
-    def pause(self, carry: bool = False) -> None:
-        super().pause(carry)
+    def pause(self, carry: bool = False, overlap: bool = False) -> None:
+        super().pause(carry, overlap)
         self._closing = True
-        if self._connections:
+        # Overlap mode: only idle keep-alive connections move; WebSockets and
+        # streams stay with this generation until they end or its drain does.
+        self._hand_over = carry and not overlap
+        self._park_idle = carry
+        if self._connections and not carry:
             self._log.debug("paused: ending %d connection(s) between requests",
                             len(self._connections))
+        elif self._connections or self._sockets:
+            self._log.debug("paused for a hand-over: %d connection(s), %d WebSocket(s)",
+                            len(self._connections), len(self._sockets))
+        for call in list(self._calls):
+            if call.sse and not call.ended:
+                self._end_stream(call)
         for connection in list(self._connections):
-            connection.close_gracefully(self._grace)
+            if carry and not self._collected:
+                connection.hand_over()
+            else:
+                connection.close_gracefully(self._grace)
+        if self._hand_over:
+            for websocket in list(self._sockets):
+                if self._carry_websockets:
+                    self._ws_changed(websocket)
+                else:
+                    websocket.close_for_swap()
+            if self._carry_websockets and self._sockets:
+                self._bound_parking()
+        self._refresh()
+
+    def _stop_parking(self) -> None:
+        """``PARK_WAIT`` passed: a WebSocket still busy is closed (1012) instead."""
+        self._park_deadline = None
+        if not (self._closing and self._hand_over):
+            return
+        for websocket in list(self._sockets):
+            self._log.info("WebSocket %s (%s) was not at a frame boundary within %gs: "
+                           "closed with 1012 instead of moved", websocket.id, websocket.path,
+                           PARK_WAIT)
+            websocket.close_for_swap()
+
+    def parked(self) -> list[Carried]:
+        self._collected = True
+        items = [conn.carried() for conn in self._connections if conn.parked]
+        items += [websocket.carried() for websocket in self._parked_ws]
+        # Too late to move the rest (busy: overlap mode does not wait for
+        # them): each ends between requests instead, its response in progress
+        # telling the client so (Connection: close), never closed under it.
+        for connection in list(self._connections):
+            if not connection.parked:
+                connection.close_gracefully(self._grace)
+        return items
+
+    def release_parked(self) -> None:
+        for connection in [conn for conn in self._connections if conn.parked]:
+            connection.release()
+        for websocket in self._parked_ws:
+            websocket.release()
+        self._parked_ws.clear()
 
     def resume(self) -> None:
+        was_handing_over = self._hand_over or self._park_idle
         self._closing = False  # connections already closing go on closing: that is harmless
+        self._hand_over = False
+        self._park_idle = False
+        self._collected = False
+        if self._park_deadline is not None:
+            self._park_deadline.cancel()
+            self._park_deadline = None
+        if was_handing_over:
+            for connection in list(self._connections):
+                connection.serve_on()
+            for websocket in self._parked_ws:
+                websocket.unpark()
+                self._sockets.add(websocket)
+            self._parked_ws.clear()
         super().resume()
 
+    def adopt(self, item: Carried) -> None:
+        if item.kind not in ("http", "websocket"):
+            super().adopt(item)
+            return
+        try:
+            sock = socket.socket(fileno=item.fd)
+        except OSError as exc:  # not a socket: ours to close all the same
+            self._log.warning("a carried %s connection cannot be taken up: %s", item.kind, exc)
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+            return
+        sock.setblocking(False)
+        task = self._loop.create_task(self._take_up(item, sock))
+        self._enders.add(task)
+        task.add_done_callback(self._enders.discard)
+
+    async def _take_up(self, item: Carried, sock: socket.socket) -> None:
+        protocol: asyncio.Protocol
+        if item.kind == "websocket":
+            protocol = WebSocketConnection(self._config, self._state, self._app_state,
+                                           owner=self, carried=item)
+        else:
+            protocol = HttpConnection(self._config, self._state, self._app_state, self,
+                                      buffered=item.buffered)
+        try:
+            await self._loop.connect_accepted_socket(lambda: protocol, sock=sock)
+        except OSError as exc:
+            sock.close()
+            self._log.warning("a carried %s connection was lost before it was served: %s",
+                              item.kind, exc)
+            return
+        if isinstance(protocol, WebSocketConnection):
+            self._sockets.add(protocol)
+            self._refresh()
+
     async def wait_idle(self, timeout: float) -> bool:
+        # uvloop calls connection_made later than the accept (call_soon): one
+        # turn of the loop and every connection already accepted is counted.
+        await asyncio.sleep(0)
         # An idle connection's grace must end well within the caller's
         # deadline (a short quiesce_timeout), or it alone would fail the pause.
         if timeout < 2 * self._grace:
             self._grace = timeout / 2
             for connection in list(self._connections):
                 connection.shorten_grace(self._grace)
-        return await super().wait_idle(timeout)
+        self._waiters += 1
+        started = time.monotonic()
+        held: list[str] = []
+        notice = self._loop.call_later(HELD_NOTICE, lambda: held.extend(self._holding()))
+        try:
+            self._refresh()
+            idle = await super().wait_idle(timeout)
+        finally:
+            self._waiters -= 1
+            notice.cancel()
+        if held:  # what kept new connections waiting in the backlog that long
+            self._log.info("%s held the pause %.1fs", "; ".join(held),
+                           time.monotonic() - started)
+        return idle
+
+    def _holding(self) -> list[str]:
+        """What the pause waits for, in words (for the log)."""
+        now = time.monotonic()
+        hand_over = self._hand_over
+        words = [call.describe(now) for call in self._calls if call.holds(hand_over)]
+        words += [f"WebSocket {ws.path} ({now - ws.opened:.1f}s old)" for ws in self._sockets]
+        busy = sum(1 for conn in self._connections
+                   if conn.holds(hand_over) and not conn.calls)
+        if busy:
+            words.append(f"{busy} connection(s) between requests")
+        return words
 
     async def cancel_inflight(self) -> int:
-        cut = len(self._connections)
+        """End what a drain left: WebSockets with 1012, the rest cut; each logged."""
+        now = time.monotonic()
+        cut = 0
+        for websocket in list(self._sockets):
+            self._log.warning("drain_timeout cut: WebSocket %s (open %.1fs): closed with 1012",
+                              websocket.path, now - websocket.opened)
+            websocket.close_for_swap()
+            cut += 1
+        for call in list(self._calls):
+            self._log.warning("drain_timeout cut: %s", call.describe(now))
+            call.cut = True
+            cut += 1
+        held = [conn for conn in self._connections if not conn.calls]
+        cut += len(held)
+        if self._sockets:  # their close handshakes, bounded
+            self._closing = True
+            self._refresh()
+            await super().wait_idle(CLOSE_WAIT + 0.1)
+        for websocket in list(self._sockets):
+            websocket.cut = True
+            websocket.transport.abort()
         for connection in list(self._connections):
             connection.transport.abort()
-        # The connections are gone; their requests' tasks would run on unheard.
+        # connection_lost runs one turn later: the cycles then know their
+        # clients are gone, and uvicorn reports nothing for them.
+        await asyncio.sleep(0)
         tasks = list(self._state.tasks)
         for task in tasks:
             task.cancel()
@@ -241,6 +548,9 @@ class HttpListener(Listener):
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None
+        if self._park_deadline is not None:
+            self._park_deadline.cancel()
+            self._park_deadline = None
 
     def _tick(self) -> None:
         # The Date header, once a second: what uvicorn's own main loop does.
@@ -249,15 +559,93 @@ class HttpListener(Listener):
         self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
 
-class HttpConnection(HttpToolsProtocol):
-    """uvicorn's httptools protocol, which can also end its connection for a swap.
+class Call:
+    """One ASGI http call, from the app's start until it returned.
 
-    Only ``connection_lost`` is overridden (once per connection); requests run
-    through uvicorn's code untouched until ``close_gracefully()``.
+    ``streaming``: a body part with ``more_body`` was sent (the response is
+    under way); ``sse``: its content type is ``text/event-stream``;
+    ``responded``: the response is complete (what runs now is work after it).
+    """
+
+    __slots__ = ("connection", "cut", "ended", "method", "path", "responded", "send", "sse",
+                 "started", "streaming")
+
+    def __init__(self, connection: HttpConnection, scope: Message, send: Any) -> None:
+        self.connection = connection
+        self.method = str(scope.get("method", "?"))
+        self.path = str(scope.get("path", "?"))
+        self.started = time.monotonic()
+        self.send = send
+        self.sse = False
+        self.streaming = False
+        self.responded = False
+        self.ended = False  # ended by a swap (SSE): what the app sends now goes nowhere
+        self.cut = False  # cancelled by cancel_inflight(): its CancelledError is expected
+
+    async def sending(self, message: Message) -> None:
+        """The app's ``send``: uvicorn's, noting how far the response is."""
+        if self.ended:
+            return  # ended for a swap: the rest goes nowhere
+        kind = message["type"]
+        changed = False
+        if kind == "http.response.start":
+            self.sse = _is_event_stream(message.get("headers", ()))
+            changed = self.sse  # an SSE stream begun during a pause ends at once
+        elif kind == "http.response.body":
+            more = message.get("more_body", False)
+            changed = not more or not self.streaming
+            self.streaming = self.streaming or more
+        await self.send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            self.responded = True
+        listener = self.connection._listener
+        if changed and listener is not None:
+            listener._call_changed(self)
+
+    def holds(self, hand_over: bool) -> bool:
+        """Whether a pause waits for it: not a stream that finishes on this generation."""
+        return not (hand_over and self.streaming and not self.sse and not self.responded)
+
+    def describe(self, now: float) -> str:
+        if self.responded:
+            what = "work after its response (background task)"
+        elif self.streaming:
+            what = "streaming its response"
+        else:
+            what = "before its response"
+        return f"{self.method} {self.path} ({now - self.started:.1f}s old, {what})"
+
+    async def end(self) -> None:
+        """End an SSE response cleanly: the terminating chunk, the connection
+        closed after it; the app's ``receive()`` then returns ``http.disconnect``."""
+        self.ended = True
+        cycle = getattr(self.send, "__self__", None)
+        if isinstance(cycle, RequestResponseCycle):
+            if cycle.response_complete or cycle.disconnected:
+                return
+            cycle.keep_alive = False
+        with contextlib.suppress(OSError, RuntimeError):  # the client left, or the app ended it
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.lower().startswith(b"text/event-stream")
+    return False
+
+
+class HttpConnection(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which can also end or move its connection
+    for a swap and knows its ASGI calls (``Call``).
+
+    Requests run through uvicorn's code untouched; the app is wrapped to
+    count its calls, which ``HttpListener`` weighs at a pause.
     """
 
     def __init__(self, config: uvicorn.Config, server_state: ServerState,
-                 app_state: dict[str, Any], listener: HttpListener | None = None) -> None:
+                 app_state: dict[str, Any], listener: HttpListener | None = None,
+                 buffered: bytes = b"") -> None:
         super().__init__(config, server_state, app_state)
         # uvicorn formats an access line's arguments before the logger drops
         # it: a cost on every request, unless we ask the logger first.
@@ -267,11 +655,48 @@ class HttpConnection(HttpToolsProtocol):
         self._grace = LAST_REQUEST_GRACE
         self._idle_since: float | None = None
         self._ending = False
+        self._handing_over = False
+        self.parked = False
+        self._buffered = buffered  # carried from a predecessor: parsed first
+        self._held = b""  # what arrived once parked: not parsed here, it goes with the socket
+        self.calls: set[Call] = set()
+        if listener is not None:
+            self.app = self._tracking(self.app)
+
+    def _tracking(self, app: AsgiApp) -> AsgiApp:
+        listener = self._listener
+        assert listener is not None
+
+        async def tracked(scope: Message, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            call = Call(self, scope, send)
+            self.calls.add(call)
+            listener._call_began(call)
+            try:
+                await app(scope, receive, call.sending)
+            except asyncio.CancelledError:
+                if not call.cut:
+                    raise
+                # cut by cancel_inflight(), which logged it: no traceback
+            except RuntimeError:
+                if not call.ended:
+                    raise
+                # the app sent on a stream the swap had ended
+            finally:
+                self.calls.discard(call)
+                listener._call_ended(call)
+
+        return tracked
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self._listener is not None:
             self._listener._opened(self)
+        if self._buffered:
+            buffered, self._buffered = self._buffered, b""
+            self.data_received(buffered)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -280,6 +705,133 @@ class HttpConnection(HttpToolsProtocol):
             self._check = None
         if self._listener is not None:
             self._listener._ended(self)
+
+    def handle_websocket_upgrade(self) -> None:
+        """uvicorn's upgrade, to a ``WebSocketConnection`` its listener knows of."""
+        self.connections.discard(self)
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+        method = self.scope["method"].encode()
+        output = [method, b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.scope["headers"]:
+            output += [name, b": ", value, b"\r\n"]
+        output.append(b"\r\n")
+        protocol = WebSocketConnection(self.config, self.server_state, self.app_state,
+                                       owner=self._listener)
+        if self._listener is not None:
+            self._listener._upgraded(self, protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(output))
+        self.transport.set_protocol(protocol)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn's own text tells the user to install a library, which is
+        # not the reason here: only asgi bundles serve WebSockets.
+        self.logger.warning("an upgrade request (%s) was answered as plain HTTP: only asgi "
+                            "bundles serve WebSockets", self._get_upgrade() or b"?")
+
+    def holds(self, hand_over: bool) -> bool:
+        """Whether a pause waits for this connection (``HttpListener``'s table)."""
+        if self.parked:
+            return False
+        return not (hand_over and self.calls and not any(c.holds(True) for c in self.calls))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._handing_over and not self.parked:
+            self._park_if_idle()
+
+    # -- a hand-over: park ------------------------------------------------------------
+
+    def hand_over(self) -> None:
+        """Park this connection as soon as it is between requests (now, or once
+        the response in progress is complete); a response already streaming
+        its body ends the connection instead, on this generation."""
+        if self._ending or self.parked or self.transport is None or self.transport.is_closing():
+            return
+        self._handing_over = True
+        for call in self.calls:
+            if call.streaming:
+                self.stream_ends_here(call)
+        self._park_if_idle()
+
+    def stream_ends_here(self, call: Call) -> None:
+        """``call`` streams on through a hand-over, on this generation; the
+        pause does not wait for it. Once it is complete the connection parks
+        like any other if the successor has not collected them yet, else it
+        ends between requests (``close_gracefully``). Its head went out
+        keep-alive, so closing it at once after the body would race the
+        client's next request: a wsgi body is always streamed, for one."""
+
+    def _park_if_idle(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+        if not self._handing_over or self.transport.is_closing():
+            return
+        listener = self._listener
+        if not self._between_requests():
+            self._check = asyncio.get_running_loop().call_later(_RECHECK, self._park_if_idle)
+            return
+        if listener is not None and listener._collected:  # too late to move: end it
+            self.close_gracefully(listener._grace)
+            return
+        self.parked = True
+        self.flow.pause_reading()  # the next bytes stay in the kernel, for the successor
+        self._unset_keepalive_if_required()  # nor is it timed out while parked
+        if listener is not None:
+            listener._refresh()
+
+    def _between_requests(self) -> bool:
+        """No request in progress here, none begun in the parser (what the
+        kernel holds goes with the socket)."""
+        if self.pipeline:
+            return False
+        if self.cycle is None:
+            return self.scope is None
+        return self.cycle.response_complete and self.scope is self.cycle.scope
+
+    def data_received(self, data: bytes) -> None:
+        if self.parked:
+            # uvloop starts reading after connection_made() whatever it was
+            # told there, so a connection parked as it was accepted may still
+            # be given bytes: they are its successor's (or ours again after a
+            # rollback), never parsed here.
+            self._held += data
+            self.transport.pause_reading()
+            return
+        super().data_received(data)
+
+    def carried(self) -> Carried:
+        """This parked connection for a successor: a fresh dup the caller owns,
+        with what arrived since it was parked."""
+        self.transport.pause_reading()  # effective now, whatever connection_made saw
+        sock: socket.socket = self.transport.get_extra_info("socket")
+        return Carried(kind="http", fd=os.dup(sock.fileno()), buffered=self._held)
+
+    def release(self) -> None:
+        """The successor took it: close our fd (no byte, no FIN: theirs keeps it open)."""
+        self._handing_over = False
+        self.transport.close()
+
+    def serve_on(self) -> None:
+        """The hand-over rolled back: read again, as if nothing happened."""
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+        self._handing_over = False
+        if self.parked:
+            self.parked = False
+            self.flow.resume_reading()
+            if not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            if self._held:
+                held, self._held = self._held, b""
+                super().data_received(held)
+
+    # -- any other pause: close gracefully ---------------------------------------------
 
     def close_gracefully(self, grace: float) -> None:
         """End this connection between requests, so its client loses nothing.
@@ -304,6 +856,9 @@ class HttpConnection(HttpToolsProtocol):
         """
         if self._ending or self.transport is None or self.transport.is_closing():
             return
+        if self.parked:  # a drain after a hand-over that kept it: it was released
+            return
+        self._handing_over = False
         self._ending = True
         self._grace = grace
         self.app = _answer_with_close(self.app)  # only this connection, from now on
@@ -338,13 +893,7 @@ class HttpConnection(HttpToolsProtocol):
 
     def _idle(self) -> bool:
         """No request in progress, none begun in the parser, no byte unread in the socket."""
-        if self.pipeline:
-            return False
-        if self.cycle is None:
-            begun = self.scope is not None
-        else:
-            begun = not self.cycle.response_complete or self.scope is not self.cycle.scope
-        return not begun and not _readable(self.transport)
+        return self._between_requests() and not _readable(self.transport)
 
 
 def _readable(transport: asyncio.BaseTransport) -> bool:

@@ -70,6 +70,10 @@ class Listener:
       move (idle between requests, at a frame boundary, a handler in
       ``ctx.hand_over``) may be *parked* instead of ended: no longer read or
       written by this generation, and no longer counted in ``inflight``.
+      With ``overlap=True`` too, the successor serves already (overlap mode,
+      no state handed over): only connections with nothing of their own in
+      flight move (idle keep-alive ones, ``ctx.hand_over``); the rest stay
+      and finish here, as in any other pause.
     * ``parked()``: a ``Carried`` for each parked connection (fresh duplicate
       fds, owned by the caller), once the pause's wait is over.
     * ``release_parked()``: the successor took them: drop this generation's
@@ -118,7 +122,7 @@ class Listener:
     def inflight(self) -> int:
         return len(self._tasks) - len(self._parked_tasks)
 
-    def pause(self, carry: bool = False) -> None:
+    def pause(self, carry: bool = False, overlap: bool = False) -> None:
         self._accepting = False
         self._set_reading(False)
         if self._retry is not None:
@@ -285,8 +289,8 @@ class StreamsListener(Listener):
     def owns(self, writer: asyncio.StreamWriter) -> bool:
         return writer in self._streams
 
-    def pause(self, carry: bool = False) -> None:
-        super().pause(carry)
+    def pause(self, carry: bool = False, overlap: bool = False) -> None:
+        super().pause(carry, overlap)
         self._carrying = carry
 
     async def hand_over(self, writer: asyncio.StreamWriter, state: Any) -> bool:

@@ -106,6 +106,7 @@ class SpawnSpec(TypedDict):
     kind: str
     factory: bool
     threads: int  # kind = "wsgi": the size of its thread pool
+    websockets: str  # kind = "asgi": "close" or "resume" (bundle.toml), what a hand-over does
     version: str
     settings: dict[str, Any]
     socket_names: list[str]

@@ -233,7 +233,8 @@ class Worker:
                 "; ".join(shadowed) + ": rename the bundle's module (the worker already "
                 "imported a module of that name, so the bundle's would never be loaded)")
         if kind == "asgi":
-            return await asgi.AsgiBundle.load(self.ctx, self.spec["entry"], self.spec["factory"])
+            return await asgi.AsgiBundle.load(self.ctx, self.spec["entry"], self.spec["factory"],
+                                              websockets=self.spec.get("websockets", "close"))
         if kind == "wsgi":  # an asgi bundle over a2wsgi (worker/wsgi.py)
             return await wsgi.WsgiBundle.load_wsgi(self.ctx, self.spec["entry"],
                                                    self.spec["factory"], self.spec["threads"])
@@ -338,7 +339,7 @@ class Worker:
         self.ctx.accepting = False
         self.ctx.pausing.set()
         for listener in self.ctx.listeners:
-            listener.pause(carry)
+            listener.pause(carry, overlap=not header.get("wait", True))
         # Without waiting (overlap mode, probation): in-flight connections just
         # finish here; those that park within ``settle`` seconds (a handler
         # needs a few turns of the loop to see ctx.pausing) are carried.

@@ -50,7 +50,8 @@ class WsgiBundle(AsgiBundle):
     def __init__(self, ctx: BundleContext, middleware: WSGIMiddleware, module: Any) -> None:
         name = socket_name(ctx.sockets)
         self.calls = RunningCalls(name, ctx.sockets[name], ctx.log)
-        super().__init__(ctx, self.calls.tracking(middleware), module)
+        # WSGI has no WebSockets: an upgrade request reaches the app as plain HTTP.
+        super().__init__(ctx, self.calls.tracking(middleware), module, websockets=None)
         self.middleware = middleware
 
     async def start(self) -> None:
