@@ -5,8 +5,10 @@ The protocol itself (subprotocols, close codes, ping/pong, the size limit) is
 uvicorn's; what these tests guard is that it is served at all (the worker once
 forced ``ws="none"``), that every scope carries ``hotsup.connection``, and what
 a swap does to an open WebSocket in overlap mode (it stays with its generation
-until the drain ends, then gets 1012). The hand-over side (close with 1012 or
-move) is in tests/test_carry.py, in one process.
+until the drain ends, then gets 1012), and at a real hand-over: moved to the
+new generation unnoticed with ``websockets = "resume"`` (and left with the old
+one by a rollback), closed with 1012 by default. The listener's side of it, in
+one process, is tests/test_asgi_carry.py.
 """
 
 from __future__ import annotations
@@ -194,4 +196,75 @@ def test_a_fastapi_app_with_a_websocket_and_a_background_task(hotsup: MakeHotsup
     with connect(url, open_timeout=10) as ws:  # the job's effect came along
         ws.send("b")
         assert ws.recv(timeout=10) == "v1:b:jobs=1"
+    assert sup.stop() == 0
+
+
+# -- across a hand-over (the worker's wiring: fds through the supervisor) ----------
+
+STATEFUL = '''
+def hotsup_snapshot():
+    return {"messages": MESSAGES}
+
+
+def hotsup_restore(saved):
+    global MESSAGES
+    MESSAGES = saved["messages"]
+
+
+MESSAGES = 0
+'''
+
+
+def stateful_source(tag: str, broken: bool = False) -> str:
+    """The echo app with a message count carried across hand-overs; ``broken``
+    fails its import (a swap to it rolls back)."""
+    source = starlette_source(tag) + STATEFUL
+    source = source.replace('        await websocket.send_text(f"{TAG}:{text}")',
+                            '        global MESSAGES\n'
+                            '        MESSAGES += 1\n'
+                            '        await websocket.send_text(f"{TAG}:{text}:{MESSAGES}")')
+    return source + ("\nraise RuntimeError('this version cannot load')\n" if broken else "")
+
+
+def test_with_resume_a_websocket_moves_to_the_new_generation_unnoticed(
+        hotsup: MakeHotsup) -> None:
+    sup, port = start(hotsup, stateful_source("v0"), 'websockets = "resume"')
+    app = sup.bundles / "web" / "app.py"
+    with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=10) == "v0:a:1"
+        ws.send("who")
+        before = json.loads(ws.recv(timeout=10))
+        assert (before["generation"], before["resumed"]) == (1, False)
+        save(app, stateful_source("v1"))
+        sup.wait_log(r"web@2: 1 connection\(s\) carried from web@1")
+        ws.send("b")
+        assert ws.recv(timeout=10) == "v1:b:2", "the new code, the count carried"
+        ws.send("who")
+        after = json.loads(ws.recv(timeout=10))
+        assert after == {"id": before["id"], "resumed": True, "generation": 2, "tag": "v1"}
+        # A rolled-back swap leaves it with the generation that has it.
+        save(app, stateful_source("v2", broken=True))
+        sup.wait_log(r"swap to web@3 rolled back, web@2 keeps serving")
+        ws.send("c")
+        assert ws.recv(timeout=10) == "v1:c:3"
+        ws.close()
+    assert ws.close_code == 1000, "closed by us, never by a swap"
+    assert sup.stop() == 0
+
+
+def test_by_default_a_hand_over_closes_a_websocket_with_1012(hotsup: MakeHotsup) -> None:
+    sup, port = start(hotsup, stateful_source("v0"))
+    app = sup.bundles / "web" / "app.py"
+    with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=10) == "v0:a:1"
+        save(app, stateful_source("v1"))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    assert ws.close_code == 1012
+    sup.wait_log(r"web@2: swapped from web@1 .*hand-over")
+    with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as again:
+        again.send("b")
+        assert again.recv(timeout=10) == "v1:b:2", "reconnected to the new code, count carried"
     assert sup.stop() == 0
