@@ -35,6 +35,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
 REPO = Path(__file__).resolve().parent.parent
 HOTSUP = [sys.executable, "-m", "hotsup.supervisor.cli"]
 
@@ -143,6 +146,14 @@ def incr(port: int, sock: socket.socket | None = None) -> str:
     return text
 
 
+def greet(ws: ClientConnection, text: str) -> str:
+    """One message on an open WebSocket: its answer, shown as the exchange it is."""
+    ws.send(text)
+    answer = str(ws.recv(timeout=10))
+    print(f"  ws <- {text} -> {answer}", flush=True)
+    return answer
+
+
 def save(path: Path, text: str) -> None:
     """Save as an editor does: a temp file renamed over the old one."""
     temp = path.with_name(f".{path.name}.saving")
@@ -235,12 +246,19 @@ def tour(root: Path, ports: dict[str, int]) -> None:
         local.wait(r"counter@4: swapped from counter@2")
         incr(counter)
 
-        say("4. a WebSocket survives a swap")
-        # TOUR: WEBSOCKET. The lead adds this step when issue 10 (connections
-        # across swaps) lands: a WebSocket client to an asgi bundle with
-        # websockets = "resume", a swap, the same connection answering from
-        # the new generation.
-        print("  (to come with issue 10: connections across swaps)")
+        say('4. a WebSocket survives a swap: greeter (websockets = "resume"), '
+            'GREETING = "hey" in bundles/greeter/greeter.py')
+        url = f"ws://127.0.0.1:{ports['greeter']}/ws"
+        print(f"$ python3 -m websockets {url}   # (the websockets client, kept open)")
+        with ws_connect(url, open_timeout=10) as ws:
+            greet(ws, "alice")
+            edit(root / "bundles/greeter/greeter.py", 'GREETING = "hello"', 'GREETING = "hey"')
+            local.wait(r"greeter@2: swapped from greeter@1")
+            answer = greet(ws, "alice")
+        if answer != "hey, alice (generation 2, resumed)":
+            raise TourFailed(f"expected the new code on the same WebSocket, got {answer!r}")
+        print("  (the same WebSocket, no close and no second handshake: now the new code "
+              "answers)")
 
         say("5. hotsup push to a second supervisor (staging), over CURVE")
         run(root, "keygen", "server", "--dir", "keys")

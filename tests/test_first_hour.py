@@ -406,7 +406,7 @@ def test_the_tour_runs_to_its_end() -> None:
                   "count=6 mine=1 generation=2 greeting=hey",  # the old generation served on
                   "counter: started in",  # pushed over CURVE to the second supervisor ...
                   "count=3 mine=1 generation=2 greeting=from the laptop",  # ... swapped there
-                  "== 4. a WebSocket survives a swap",  # the place kept for issue 10
+                  "ws <- alice -> hey, alice (generation 2, resumed)",  # the same WebSocket
                   "hotsup stopped"):
         assert shown in out, out
     assert re.search(r"the tour took \d+ s", out), out

@@ -1,7 +1,12 @@
-"""A plain ASGI app (no framework) whose visit count survives swaps.
+"""A plain ASGI app (no framework) whose visit count survives swaps, and
+whose WebSockets do too.
 
     $ curl -s http://127.0.0.1:8103/
     hello, visitor 1 (generation 1)
+
+On ``/ws`` each text message is greeted back. bundle.toml says ``websockets =
+"resume"``: an open WebSocket moves to the next generation at a swap, and the
+client, still on the same connection, is greeted by the new code.
 
 ``hotsup_snapshot()`` and ``hotsup_restore(state)`` carry the count from one
 generation to the next; the lifespan startup is where slow set-up belongs (it
@@ -36,6 +41,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await lifespan(scope, receive, send)
         return
+    if scope["type"] == "websocket":
+        await websocket(scope, receive, send)
+        return
     global visits
     visits += 1
     generation = scope["state"]["hotsup"].generation  # the bundle's ctx
@@ -45,6 +53,22 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         (b"content-length", str(len(body)).encode()),
     ]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    # Resumed in a new generation, the first message is websocket.connect
+    # again and the accept sends nothing: the client saw its handshake once.
+    connection = scope["extensions"]["hotsup.connection"]
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        generation = scope["state"]["hotsup"].generation
+        again = ", resumed" if connection["resumed"] else ""
+        text = f"{GREETING}, {message.get('text') or ''} (generation {generation}{again})"
+        await send({"type": "websocket.send", "text": text})
 
 
 async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
