@@ -6,6 +6,7 @@ same version in an ``x-app-version`` header): ``V`` tells which code served it,
 reload either carries (hotsup, through ``hotsup_snapshot``/``hotsup_restore``)
 or loses (a peer that starts a fresh process). The slow-import variant also
 imports ``slow_framework`` (0.3 s at import), which lives in ``PRELOAD_DIR``.
+A WebSocket is answered ``version=V`` for every message it sends.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({{"type": "lifespan.shutdown.complete"}})
                 return
+    if scope["type"] == "websocket":  # bench/connections.py: an echo of the version
+        await receive()  # websocket.connect
+        await send({{"type": "websocket.accept"}})
+        while (message := await receive())["type"] == "websocket.receive":
+            await send({{"type": "websocket.send", "text": f"version={{VERSION}}"}})
+        return
     if scope["type"] != "http":
         return
     count += 1

@@ -71,14 +71,15 @@ class Contender:
         return None
 
     def launch(self, work: Path, variant: Variant, sessions: Sessions,
-               watch_quiet_ms: int) -> Server:
-        """Write the app (version ``v0``) under ``work`` and start serving it."""
+               watch_quiet_ms: int, manifest: str = "") -> Server:
+        """Write the app (version ``v0``) under ``work`` and start serving it;
+        ``manifest``: more lines of hotsup's bundle.toml."""
         work.mkdir(parents=True)
         port = free_port()
         if self.name == "hotsup":
             app_dir = work / "bundles" / "app"
             app_dir.mkdir(parents=True)
-            _hotsup_files(work, app_dir, variant, port, watch_quiet_ms)
+            _hotsup_files(work, app_dir, variant, port, watch_quiet_ms, manifest)
             argv = [sys.executable, "-m", "hotsup.supervisor.cli", "start", "config.toml"]
             cwd = work
         else:
@@ -123,7 +124,7 @@ class Contender:
 
 
 def _hotsup_files(work: Path, app_dir: Path, variant: Variant, port: int,
-                  watch_quiet_ms: int) -> None:
+                  watch_quiet_ms: int, manifest: str = "") -> None:
     preload = ", ".join(f'"{name}"' for name in variant.preload)
     (work / "config.toml").write_text(
         "[supervisor]\n"
@@ -138,6 +139,7 @@ def _hotsup_files(work: Path, app_dir: Path, variant: Variant, port: int,
         f'entry = "{ENTRY}"\n'
         'kind = "asgi"\n'
         'version = "1.0.0"\n'
+        f"{manifest}"
         "\n[sockets.http]\n"
         f'bind = "{HOST}:{port}"\n')
 
