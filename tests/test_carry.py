@@ -5,10 +5,11 @@ sockets through real swaps."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from harness import Hotsup, free_port
@@ -94,6 +95,21 @@ def write_chat(sup: Hotsup, port: int, fail: bool = False, hooks: bool = True) -
     (directory / "chat.py").write_text(source)
 
 
+@contextlib.contextmanager
+def serving_chat(hotsup: Callable[..., Hotsup], hooks: bool = True
+                 ) -> Iterator[tuple[Hotsup, int, Client]]:
+    """A supervisor serving the chat bundle, and one client connected to it."""
+    sup = hotsup()
+    port = free_port()
+    write_chat(sup, port, hooks=hooks)
+    sup.start_serving("chat")
+    client = Client(port)
+    try:
+        yield sup, port, client
+    finally:
+        client.close()
+
+
 class Client:
     """A line client on one connection, kept open for the whole test."""
 
@@ -134,30 +150,18 @@ def test_idle_connections_move_with_their_state(hotsup: Callable[..., Hotsup]) -
 
 
 def test_what_the_reader_had_buffered_goes_with_it(hotsup: Callable[..., Hotsup]) -> None:
-    sup = hotsup()
-    port = free_port()
-    write_chat(sup, port)
-    sup.start_serving("chat")
-    client = Client(port)
-    try:
+    with serving_chat(hotsup) as (sup, _port, client):
         client.sock.sendall(b"hold\nping\n")  # "ping" waits in gen 1's reader
         sup.wait_log(r"holding")
         done = sup.cli("reload", "chat")
         assert done.returncode == 0, done.stdout + done.stderr
         assert client.file.readline() == b"seen=1 total=1 gen=2\n"
         assert client.ask() == "seen=2 total=2 gen=2"
-    finally:
-        client.close()
 
 
 def test_a_rolled_back_swap_leaves_them_with_the_old_generation(
         hotsup: Callable[..., Hotsup]) -> None:
-    sup = hotsup()
-    port = free_port()
-    write_chat(sup, port)
-    sup.start_serving("chat")
-    client = Client(port)
-    try:
+    with serving_chat(hotsup) as (sup, port, client):
         assert client.ask() == "seen=1 total=1 gen=1"
         write_chat(sup, port, fail=True)
         sup.wait_log(r"swap to chat@2 rolled back")
@@ -166,18 +170,11 @@ def test_a_rolled_back_swap_leaves_them_with_the_old_generation(
         write_chat(sup, port)  # fixed: the next swap carries it after all
         sup.wait_log(r"connection\(s\) carried from chat@1")
         assert client.ask() == "seen=3 total=3 gen=3"
-    finally:
-        client.close()
 
 
 def test_the_old_generation_lets_go_of_a_carried_connection(
         hotsup: Callable[..., Hotsup]) -> None:
-    sup = hotsup()
-    port = free_port()
-    write_chat(sup, port)
-    sup.start_serving("chat")
-    client = Client(port)
-    try:
+    with serving_chat(hotsup) as (sup, _port, client):
         assert client.ask() == "seen=1 total=1 gen=1"
         assert sup.cli("reload", "chat").returncode == 0
         assert client.ask() == "seen=2 total=2 gen=2"
@@ -186,8 +183,6 @@ def test_the_old_generation_lets_go_of_a_carried_connection(
         client.sock.sendall(b"bye\n")
         client.sock.settimeout(2.0)
         assert client.file.readline() == b""
-    finally:
-        client.close()
 
 
 def test_the_demo_counter_keeps_its_client_through_an_edit(
@@ -210,12 +205,7 @@ def test_the_demo_counter_keeps_its_client_through_an_edit(
 
 
 def test_in_overlap_mode_idle_connections_move_too(hotsup: Callable[..., Hotsup]) -> None:
-    sup = hotsup()
-    port = free_port()
-    write_chat(sup, port, hooks=False)
-    sup.start_serving("chat")
-    client = Client(port)
-    try:
+    with serving_chat(hotsup, hooks=False) as (sup, _port, client):
         assert client.ask() == "seen=1 total=1 gen=1"
         done = sup.cli("reload", "chat")
         assert done.returncode == 0, done.stdout + done.stderr
@@ -223,5 +213,3 @@ def test_in_overlap_mode_idle_connections_move_too(hotsup: Callable[..., Hotsup]
         sup.wait_log(r"chat@2: 1 connection\(s\) carried from chat@1")
         # Its own state came along; the bundle's (no hooks) did not.
         assert client.ask() == "seen=2 total=1 gen=2"
-    finally:
-        client.close()
