@@ -80,7 +80,8 @@ def keep_alive_client(port: int, think: float, stop: threading.Event, tally: Tal
                 conn = None
         except (OSError, http.client.HTTPException) as exc:
             ok, version, body = False, type(exc).__name__, b""
-            conn.close()
+            if conn is not None:
+                conn.close()
             conn = None
         with tally.lock:
             tally.requests += 1
