@@ -211,6 +211,8 @@ class Worker:
         except BaseException as exc:
             text = _bundle_traceback(exc)
             self.log.error("cannot load %s: %s", self.spec["entry"], text)
+            # Done: the supervisor closes the channel once it read this, as it should.
+            self.done.set_result(P.EXIT_LOAD_ERROR)
             await self._send({"op": P.OP_FAILED, "error": _one_line(exc), "detail": text})
             return P.EXIT_LOAD_ERROR
         hooks = {name: callable(getattr(self.bundle, name, None)) for name in _HOOKS}
