@@ -9,7 +9,8 @@ one out on the worker process and either make the move or raise
 
     SPAWNING --load--> LOADED --begin--> READY --pause--> PAUSED --hold--> HELD
                                            \\                 \\--resume--> READY
-                                            \\--hold (overlap mode)--> HELD
+                                            \\--let_go (overlap mode)--> PAUSED
+                                             \\--hold (overlap mode)--> HELD
     READY / PAUSED / HELD --(retirement)--> RETIRING --> EXITED
     any state but EXITED --(killed, died, discarded)--> FAILED
 
@@ -17,6 +18,12 @@ HELD is probation: the generation a swap replaced, paused and still loaded,
 the way back if its successor dies. ``retire`` only talks to the process
 (drain, stop(), exit, then kill and reap): it runs in a task of its own, and
 the runner records its end.
+
+Connections move with the generation that serves: ``pause`` (a hand-over's)
+and ``let_go`` (overlap mode, once the successor serves) return a ``Handover``
+holding the connections the worker parked; ``begin`` or ``take_over`` gives
+them to the successor, then ``handed`` makes the old one drop its side, or a
+``resume`` (the swap rolled back) serves them there again.
 """
 
 from __future__ import annotations
@@ -135,11 +142,10 @@ class Hooks:
 @dataclass
 class Handover:
     """What a paused generation hands its successor: its snapshot (none in
-    overlap mode), and the
-    connections it parked, in batches as the worker gave them (a pickled
-    manifest, opaque here, and one fd per connection). The fds are the
-    supervisor's copies: ``close()`` once the successor has its own (or the
-    swap rolled back, and the old generation serves them again)."""
+    overlap mode), and the connections it parked, in batches as the worker gave
+    them (a pickled manifest, opaque here, and one fd per connection). The fds
+    are the supervisor's copies: ``close()`` once the successor has its own (or
+    the swap rolled back, and the old generation serves them again)."""
 
     snapshot: State | None
     batches: list[tuple[State | None, tuple[int, ...]]] = field(default_factory=list)

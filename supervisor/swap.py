@@ -15,9 +15,13 @@ A swap (DESIGN.md, "A generation swap"), as ``_swap`` reads:
     N+1 imports and constructs ........... LOADED     (N serves)
     hand-over mode (N has snapshot(), N+1 has restore()):
         pause N, wait in-flight, snapshot  N: PAUSED  (nobody accepts;
-        N+1.restore(state); N+1.start() .. READY       the backlog holds)
+          (idle connections parked)                    the backlog holds)
+        N+1 adopts them; restore(state);
+        N+1.start() ...................... READY
     overlap mode:
         N+1.start() ...................... READY      (both accept)
+        N lets go of its idle connections  N: PAUSED  (N+1 takes them up)
+    N drops what it handed over .......... (handed)
     hold N for probation ................. N: HELD    (paused, still loaded)
     probation over: drain, stop(), exit .. N: RETIRING -> EXITED
 
@@ -27,7 +31,8 @@ again. The pass after the quiet period then starts from LOADED if the content
 is still what N+1 loaded (``Ahead``): the quiet period hides spawn and import.
 
 Any failure before N+1 is READY kills N+1 and resumes N if it was paused:
-the old generation keeps serving with its state, and the error is reported.
+the old generation keeps serving with its state and its connections (those it
+parked are served there again), and the error is reported.
 If N+1 dies while N is held, N resumes (from a newer checkpoint of N+1's,
 if one was taken) and the swap counts as rolled back.
 
