@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -62,8 +64,9 @@ def keygen(directory: Path, name: str) -> None:
                    capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def remote(hotsup: Callable[..., Hotsup], tmp_path: Path) -> Iterator[Remote]:
+def remote_config(tmp_path: Path) -> tuple[str, Path, str]:
+    """Keys for server, alice, bob and mallory (alice and bob authorized) under
+    ``tmp_path``; the ``[remote]`` table for them, the keys' directory, the endpoint."""
     keys = tmp_path / "keys"
     for name in ("server", "alice", "bob", "mallory"):
         keygen(keys, name)
@@ -72,7 +75,7 @@ def remote(hotsup: Callable[..., Hotsup], tmp_path: Path) -> Iterator[Remote]:
     for name in ("alice", "bob"):  # not mallory
         (authorized / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    sup = hotsup(f"""
+    return f"""
 [remote]
 bind = "{endpoint}"
 key = "keys/server.key_secret"
@@ -80,7 +83,13 @@ authorized_keys = "authorized"
 rate_limit = 50
 [remote.allow]
 bob = ["api"]
-""").start()
+""", keys, endpoint
+
+
+@pytest.fixture
+def remote(hotsup: Callable[..., Hotsup], tmp_path: Path) -> Iterator[Remote]:
+    config, keys, endpoint = remote_config(tmp_path)
+    sup = hotsup(config).start()
     sup.wait_log(r"remote: listening on tcp://127\.0\.0\.1:\d+")
     laptop = tmp_path / "laptop"
     laptop.mkdir()
@@ -321,3 +330,51 @@ def test_pushes_to_a_swapping_bundle_wait_their_turn(remote: Remote) -> None:
     loaded = re.findall(r"api@(\d+): loaded (\w+) with (\w+)", remote.sup.log())
     assert [gen for gen, _, _ in loaded] == ["1", "2", "3"], loaded
     assert all(module == helper for _, module, helper in loaded), loaded
+
+
+def test_a_flood_of_tcp_connections_cannot_take_the_supervisor_down(
+        hotsup: Callable[..., Hotsup], tmp_path: Path) -> None:
+    """Like the control socket's (test_isolation): at ulimit -n 256, more idle
+    TCP connections to [remote] than the supervisor may hold. libzmq's TCP
+    listener stops accepting at EMFILE (it aborted on it for ipc): the
+    supervisor and its bundles go on, and the endpoint answers once they go."""
+    config, keys, endpoint = remote_config(tmp_path)
+    sup = hotsup(config)
+    port = free_port()
+    write_bundle(sup.bundles / "counter", counter_source("v0"), port)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    with sup.log_path.open("ab") as log:
+        sup.proc = subprocess.Popen([*HOTSUP, "start", str(sup.config)], cwd=sup.root,
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=limit)
+    sup.wait_log(r"counter@1: serving")
+    sup.wait_log(r"remote: listening on")
+    host, _, remote_port = endpoint.removeprefix("tcp://").rpartition(":")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(320):  # more than ulimit -n allows
+            client = socket.socket()
+            client.settimeout(0.5)
+            try:
+                client.connect((host, int(remote_port)))
+            except OSError:  # the backlog is full: that is the point
+                client.close()
+                continue
+            clients.append(client)
+        assert len(clients) > 256
+        assert request(port, "incr").startswith("count=1 generation=1"), "the bundle serves"
+        assert sup.proc.poll() is None, "the supervisor survived"
+    finally:
+        for client in clients:
+            client.close()
+    remote = RemoteClient(endpoint, str(keys / "alice.key_secret"), str(keys / "server.key"))
+    try:
+        status = remote.request("status", 10)
+    finally:
+        remote.close()
+    assert [b["name"] for b in status["bundles"]] == ["counter"]
+    assert sup.stop() == 0
