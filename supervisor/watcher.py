@@ -19,8 +19,10 @@ The digest (``digest``) is bounded and follows no symlink: a bundle directory
 that holds a link to ``/``, a link loop or a name that is not UTF-8 is an
 error naming the path or the limit (``MAX_FILES``, ``MAX_BYTES``), and a
 cancelled digest stops at its next chunk, so a shut-down never waits for one.
-watchfiles itself still follows symlinks when it sets up its watches (it has
-no option not to).
+The watch follows no symlink either: watchfiles would, when it sets up a
+recursive watch (it has no option not to), so each real directory under the
+roots is watched on its own (``watched_directories``), and a directory that
+appears makes the watch start again with it.
 
 Files created in a brand-new subdirectory can be missed by inotify, so each
 batch is reported once more after RECHECK_AFTER seconds of silence (a batch
@@ -237,9 +239,37 @@ async def adigest(path: Path) -> str | None:
                 log.warning("%s", note)
 
 
+#: The most directories one watch covers (inotify watches cost kernel memory,
+#: and their number is limited per user); past it, the rest are not watched.
+MAX_WATCHED = 20_000
+
+
+def watched_directories(roots: list[Path], limit: int = MAX_WATCHED) -> list[Path]:
+    """Each root and every directory under it, never through a symlink (a
+    link to ``/`` in a bundle is not watched, as its digest does not follow
+    it) nor into an ignored one (``__pycache__``, ``.git``...); at most ``limit``."""
+    found: list[Path] = []
+    for root in roots:
+        found.append(root)
+        for here, dirs, _ in os.walk(root):  # followlinks=False: links are not entered
+            dirs[:] = sorted(d for d in dirs
+                             if not ignored(d) and not os.path.islink(os.path.join(here, d)))
+            found.extend(Path(here) / d for d in dirs)
+            if len(found) >= limit:
+                log.warning("watching only the first %d directories under %s", limit,
+                            ", ".join(map(str, roots)))
+                return found[:limit]
+    return found
+
+
 class _Filter(watchfiles.DefaultFilter):
     def __call__(self, change: watchfiles.Change, path: str) -> bool:
         return not ignored(os.path.basename(path)) and super().__call__(change, path)
+
+
+def _real_directory(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not ignored(
+        os.path.basename(path))
 
 
 class Watcher:
@@ -308,11 +338,18 @@ class Watcher:
         self._cycle.set()
 
     async def _watch(self, roots: list[Path]) -> None:
+        directories = watched_directories(roots)  # a walk of directories only: quick
         async for changes in watchfiles.awatch(
-            *roots, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
-            stop_event=self._cycle, recursive=True, ignore_permission_denied=True,
+            *directories, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
+            stop_event=self._cycle, recursive=False, ignore_permission_denied=True,
         ):
             paths = {Path(p) for _, p in changes}
+            if any(change == watchfiles.Change.added and _real_directory(path)
+                   for change, path in changes):
+                # A directory that is not watched yet: watch again, with it
+                # (the next cycle looks at everything once, so nothing written
+                # into it meanwhile goes unseen).
+                self._cycle.set()
             if self._on_change is not None:
                 self._on_change(paths)  # before the quiet period: what can be done ahead
             self._add(paths)

@@ -163,3 +163,42 @@ def test_a_cancelled_digest_stops_reading(tmp_path: Path) -> None:
     cut = time.monotonic() - started
     print(f"whole digest {whole:.2f}s, cancelled one {cut:.2f}s")
     assert cut < whole / 3, (cut, whole)
+
+
+def test_the_watch_follows_no_symlink_out_of_a_bundle(tmp_path: Path) -> None:
+    """A bundle holding a link to a big tree outside (``/usr``, say) once cost an
+    inotify watch per directory of that tree: no directory behind a link is
+    watched, and a change there is not seen."""
+    bundles, outside = tmp_path / "bundles", tmp_path / "outside"
+    for sub in ("a", "b/c", "b/d"):
+        (outside / sub).mkdir(parents=True)
+    (bundles / "app" / "pkg").mkdir(parents=True)
+    (bundles / "app" / "lib").symlink_to(outside)
+    (bundles / "app" / "pkg" / "__pycache__").mkdir()
+    assert watcher_module.watched_directories([bundles]) == [
+        bundles, bundles / "app", bundles / "app" / "pkg"]
+
+    async def main() -> None:
+        batches: list[set[Path]] = []
+        watcher = Watcher([bundles], quiet_ms=30, batch_ms=1600, on_batch=batches.append)
+        task = asyncio.ensure_future(watcher.run())
+        await asyncio.sleep(0)  # one step: the watch is set up
+        (outside / "b" / "c" / "x.py").write_text("x")  # behind the link: not seen
+        (bundles / "app" / "pkg" / "mod.py").write_text("x")  # in the bundle: seen
+        await until_called(batches, bundles / "app" / "pkg" / "mod.py", "the bundle's file")
+        # A directory made after the watch began is watched too.
+        (bundles / "app" / "new").mkdir()
+        await until_called(batches, bundles / "app" / "new", "the new directory")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not any(bundles / "app" / "new" / "late.py" in batch for batch in batches):
+            (bundles / "app" / "new" / "late.py").write_text(str(loop.time()))
+            assert loop.time() < deadline, "a file in the new directory was never seen"
+            await asyncio.sleep(0.05)
+        watcher.stop()
+        await task
+        seen = set().union(*batches)
+        assert not any(outside in path.parents or path.is_relative_to(bundles / "app" / "lib")
+                       for path in seen), seen
+
+    asyncio.run(main())
