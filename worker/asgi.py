@@ -35,9 +35,9 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -582,24 +582,37 @@ class Call:
         self.ended = False  # ended by a swap (SSE): what the app sends now goes nowhere
         self.cut = False  # cancelled by cancel_inflight(): its CancelledError is expected
 
-    async def sending(self, message: Message) -> None:
-        """The app's ``send``: uvicorn's, noting how far the response is."""
+    def sending(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: uvicorn's, noting how far the response is.
+
+        Not a coroutine of its own, which would cost every request a frame
+        per message: it returns uvicorn's awaitable, noting what it sends
+        before it goes (a body's last part marks the response complete as it
+        goes out: from then on what runs is work after it), except for an SSE
+        response's start, which is looked at once it was sent."""
         if self.ended:
-            return  # ended for a swap: the rest goes nowhere
+            return _sent_nowhere()  # ended for a swap: the rest goes nowhere
         kind = message["type"]
-        changed = False
-        if kind == "http.response.start":
-            self.sse = _is_event_stream(message.get("headers", ()))
-            changed = self.sse  # an SSE stream begun during a pause ends at once
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             more = message.get("more_body", False)
             changed = not more or not self.streaming
-            self.streaming = self.streaming or more
+            if more:
+                self.streaming = True
+            else:
+                self.responded = True
+            listener = self.connection._listener
+            if changed and listener is not None and listener._closing:
+                listener._call_changed(self)
+        elif kind == "http.response.start":
+            self.sse = _is_event_stream(message.get("headers", ()))
+            if self.sse:
+                return self._stream_started(message)
+        return cast(Awaitable[None], self.send(message))
+
+    async def _stream_started(self, message: Message) -> None:
         await self.send(message)
-        if kind == "http.response.body" and not message.get("more_body", False):
-            self.responded = True
         listener = self.connection._listener
-        if changed and listener is not None:
+        if listener is not None and listener._closing:  # begun during a pause: ended at once
             listener._call_changed(self)
 
     def holds(self, hand_over: bool) -> bool:
@@ -626,6 +639,10 @@ class Call:
             cycle.keep_alive = False
         with contextlib.suppress(OSError, RuntimeError):  # the client left, or the app ended it
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _sent_nowhere() -> None:
+    return None
 
 
 def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
