@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from hotsup.worker import channel, protocol
 
 from .config import BundleSpec
-from .process import Data, WorkerError, WorkerReply
+from .process import LOAD_FAILED, Data, WorkerError, WorkerReply
 
 log = logging.getLogger("hotsup")
 
@@ -88,11 +88,14 @@ class SwapAborted(Exception):
 
     ``transient``: nothing was wrong with the new code (the old generation had
     connections in flight), so the same content is worth another try.
+    ``in_code``: the bundle's own code failed to load (the worker said so):
+    the same content fails the same way.
     """
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, in_code: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.in_code = in_code
 
 
 class Worker(Protocol):
@@ -200,7 +203,7 @@ class Generation:
         try:
             loaded = await self.process.wait_loaded(self.spec.timing.start_timeout)
         except WorkerError as exc:
-            raise SwapAborted(f"loading: {exc}") from None
+            raise SwapAborted(f"loading: {exc}", in_code=exc.kind == LOAD_FAILED) from None
         self.hooks = Hooks.of(loaded)
         self.move(GenState.LOADED)
 

@@ -45,6 +45,9 @@ class WorkerError(Exception):
         self.kind = kind  # the worker's exception type, when it answered with one
 
 
+#: ``WorkerError.kind`` of a worker that reported it could not load its bundle.
+LOAD_FAILED = "LoadFailed"
+
 #: A payload as the supervisor holds it: bytes, or (over ``channel.KEEP_OVER``)
 #: left in the memfd it came in, so relaying and keeping a snapshot costs
 #: the supervisor no memory of its own.
@@ -310,7 +313,7 @@ class WorkerProcess:
             self.loaded.set_result(header)
         elif op == P.OP_FAILED and not self.loaded.done():
             self.loaded.set_exception(WorkerError(str(header.get("error")),
-                                                  str(header.get("detail", ""))))
+                                                  str(header.get("detail", "")), LOAD_FAILED))
         elif op != P.OP_REPLY:
             self._drops.warning("%s: dropped an unexpected %r message", self.tag, op)
 

@@ -231,6 +231,9 @@ class BundleRunner:
         self._task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[State | None], Generation] = {}
         self._ahead: Ahead | None = None  # N+1 loaded during the quiet period
+        #: (digest, spec, error) of content whose load ahead failed in its code:
+        #: the pass after the quiet period reports it, without loading it again.
+        self._ahead_failed: tuple[str, BundleSpec, str] | None = None
         self._loading_ahead = False  # ... being spawned and loaded now
         self._final: set[int] = set()  # generations retiring with their final snapshot
         self._lost: str | None = None  # what `run` starts from, when that snapshot failed
@@ -467,6 +470,7 @@ class BundleRunner:
         reported: a failure here is the pass's to find again and report."""
         if self._ahead is not None:
             await self._drop_ahead("newer changes")
+        self._ahead_failed = None
         current = self.current
         if self._mailbox.waiting(LoadAhead) or self._down or current is None \
                 or current.state is not _S.READY:
@@ -491,6 +495,8 @@ class BundleRunner:
             await new.load()
         except SwapAborted as exc:
             await self._drop_ahead(str(exc))
+            if exc.in_code:
+                self._ahead_failed = (digest, spec, str(exc))
             return None
         finally:
             self._loading_ahead = False
@@ -697,7 +703,20 @@ class BundleRunner:
                 kept = await self._read_checkpoint()
                 self._kept = kept or self._kept
             return await self._start(spec, restarting)
+        failed, self._ahead_failed = self._ahead_failed, None
+        if failed is not None and not force and failed[:2] == (digest, spec):
+            return self._failed_ahead(failed[2])
         return await self._swap(spec, started, discard_state, self._take_ahead(digest, spec))
+
+    def _failed_ahead(self, error: str) -> Outcome:
+        """The generation loaded ahead of this pass could not load this very
+        content (its code failed): say it as the swap would have, without
+        importing the same broken code a second time."""
+        assert self.current is not None
+        self._number += 1  # the attempt it was: generation numbers count attempts
+        return self._record_error(f"swap to {self.name}@{self._number} rolled back, "
+                                  f"{self.current.tag} keeps serving: {error}",
+                                  Result.ROLLED_BACK)
 
     async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
         """Bring up a generation when none is serving (first start, restart)."""

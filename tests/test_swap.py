@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -92,6 +93,10 @@ def test_syntax_error_is_reported_with_file_and_line(hotsup: MakeHotsup) -> None
     # The worker that could not load said so once; the supervisor then closing
     # its channel is what it expects, not a warning.
     assert "the supervisor closed the channel" not in sup.log()
+    # Loaded ahead of the pass at the first change and failed there, the broken
+    # code is not imported a second time by the pass: one traceback, one report.
+    assert len(re.findall(r"counter@2: cannot load", sup.log())) == 1, sup.log()
+    assert len(re.findall(r"swap to counter@2 rolled back", sup.log())) == 1
 
 
 def test_overlap_mode_without_state_hooks(hotsup: MakeHotsup) -> None:
