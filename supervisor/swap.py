@@ -714,8 +714,11 @@ class BundleRunner:
         importing the same broken code a second time."""
         assert self.current is not None
         self._number += 1  # the attempt it was: generation numbers count attempts
-        return self._record_error(f"swap to {self.name}@{self._number} rolled back, "
-                                  f"{self.current.tag} keeps serving: {error}",
+        return self._rolled_back(f"{self.name}@{self._number}", self.current, error)
+
+    def _rolled_back(self, tag: str, old: Generation, why: str) -> Outcome:
+        """Report a swap to ``tag`` that did not happen: ``old`` serves on."""
+        return self._record_error(f"swap to {tag} rolled back, {old.tag} keeps serving: {why}",
                                   Result.ROLLED_BACK)
 
     async def _start(self, spec: BundleSpec, restarting: bool) -> Outcome:
@@ -800,8 +803,7 @@ class BundleRunner:
                 if paused_at is not None and snapshot is None and not exc.transient:
                     again = (f" (`hotsup reload {self.name} --discard-state` swaps to the new "
                              f"code without the state)")
-                return self._record_error(f"swap to {new.tag} rolled back, {old.tag} keeps "
-                                          f"serving: {exc}{again}", Result.ROLLED_BACK)
+                return self._rolled_back(new.tag, old, f"{exc}{again}")
             return self._record_error(f"swap to {new.tag} rolled back: {exc}; {old.tag} could "
                                       f"not resume and is restarted", Result.ROLLED_BACK)
         ready_at = time.monotonic()

@@ -106,6 +106,23 @@ def session_pids(sid: int) -> list[int]:
 
 # -- bundles --------------------------------------------------------------------
 
+#: Module source for a hostile bundle's tests: ``channel()`` finds this worker's
+#: own channel to the supervisor among its fds (a dup the caller closes).
+FIND_CHANNEL = """\
+import fcntl, os, socket
+
+def channel():
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+            return sock
+        sock.close()
+"""
+
+
 def counter_source(tag: str, *, start: str = "pass", restore: str = "pass",
                    init: str = "pass", tail: str = "", hooks: bool = True,
                    snapshot: str = "pass") -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import zmq
-from harness import Hotsup, free_port, request, wait_for, write_bundle
+from harness import FIND_CHANNEL, Hotsup, free_port, request, wait_for, write_bundle
 from hotsup.supervisor import logs
 
 pytestmark = pytest.mark.timeout(120)
@@ -215,18 +215,7 @@ def test_many_followers_do_not_lock_out_status(hotsup: MakeHotsup) -> None:
 #: A bundle that, asked with ``flood N``, sends N malformed packets and eight
 #: announced 250 MB payloads (sparse memfds: they cost the worker nothing) on
 #: its own channel to the supervisor.
-CHANNEL_FLOOD = textwrap.dedent("""\
-    import fcntl, os, socket
-
-    def channel():
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                sock = socket.socket(fileno=os.dup(int(name)))
-            except OSError:
-                continue
-            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
-                return sock
-            sock.close()
+CHANNEL_FLOOD = FIND_CHANNEL + textwrap.dedent("""\
 
     class Counter:
         def __init__(self, ctx):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import uvloop
 from harness import (
+    FIND_CHANNEL,
     Hotsup,
     counter_source,
     free_port,
@@ -146,18 +147,7 @@ def test_no_child_holds_another_generations_fds_or_spec(hotsup: MakeHotsup) -> N
     assert _memory_holds(beta, secret.encode()), "the check would see it"
 
 
-FLOOD = """
-import fcntl, os, socket
-
-def channel():
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except OSError:
-            continue
-        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
-            return sock
-        sock.close()
+FLOOD = FIND_CHANNEL + """
 
 def go():
     sock = channel()

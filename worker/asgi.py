@@ -312,8 +312,6 @@ class HttpListener(Listener):
     def _call_changed(self, call: Call) -> None:
         if self._closing and call.sse and not call.ended:
             self._end_stream(call)
-        elif self._closing and self._hand_over and call.streaming:
-            call.connection.stream_ends_here(call)
         self._refresh()
 
     def _call_ended(self, call: Call) -> None:
@@ -762,24 +760,17 @@ class HttpConnection(HttpToolsProtocol):
     # -- a hand-over: park ------------------------------------------------------------
 
     def hand_over(self) -> None:
-        """Park this connection as soon as it is between requests (now, or once
-        the response in progress is complete); a response already streaming
-        its body ends the connection instead, on this generation."""
+        """Park this connection as soon as it is between requests: now, or once
+        the response in progress is complete. A response already streaming its
+        body goes on here (the pause does not wait for it) and then parks the
+        same way, if the successor has not collected the parked ones yet; else
+        the connection ends between requests (``close_gracefully``). Its head
+        went out keep-alive, so closing it right after the body would race the
+        client's next request: every wsgi body is streamed, for one."""
         if self._ending or self.parked or self.transport is None or self.transport.is_closing():
             return
         self._handing_over = True
-        for call in self.calls:
-            if call.streaming:
-                self.stream_ends_here(call)
         self._park_if_idle()
-
-    def stream_ends_here(self, call: Call) -> None:
-        """``call`` streams on through a hand-over, on this generation; the
-        pause does not wait for it. Once it is complete the connection parks
-        like any other if the successor has not collected them yet, else it
-        ends between requests (``close_gracefully``). Its head went out
-        keep-alive, so closing it at once after the body would race the
-        client's next request: a wsgi body is always streamed, for one."""
 
     def _park_if_idle(self) -> None:
         if self._check is not None:
