@@ -130,7 +130,8 @@ class ControlServer:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         unpacker = Unpacker(control_endpoint.MAX_REPLY)
         try:
-            messages = await asyncio.wait_for(self._read(unpacker), START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):
+                messages = await self._read(unpacker)
         except (TimeoutError, ValueError):
             messages = []
         if messages[:1] != [[b"ready"]]:

@@ -388,7 +388,8 @@ class LogSink:
             if left <= 0:
                 return
             try:
-                await asyncio.wait_for(self._arrived.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
             except TimeoutError:
                 return
 

@@ -178,7 +178,8 @@ class MetricsServer:
                 await self._send(writer, 503, "too many connections\n", head=False)
                 return
             try:
-                method, path = await asyncio.wait_for(_request_line(reader), READ_TIMEOUT)
+                async with asyncio.timeout(READ_TIMEOUT):
+                    method, path = await _request_line(reader)
             except (TimeoutError, ValueError, asyncio.LimitOverrunError,
                     asyncio.IncompleteReadError, ConnectionError):
                 await self._send(writer, 400, "bad request\n", head=False)
@@ -192,7 +193,8 @@ class MetricsServer:
             self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT)
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.wait_closed()
 
     def _route(self, method: str, path: str) -> tuple[int, str | bytes, str]:
         text = "text/plain; charset=utf-8"
@@ -217,7 +219,8 @@ class MetricsServer:
                      f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode())
         if not head:
             writer.write(data)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.drain()
 
 
 async def _request_line(reader: asyncio.StreamReader) -> tuple[str, str]:

@@ -124,7 +124,8 @@ class Notifier:
             if self.watchdog is not None:
                 tick = min(tick, max(0.0, fed + self.watchdog - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), tick)
+                async with asyncio.timeout(tick):
+                    await self._wake.wait()
             self._wake.clear()
             if self.watchdog is not None and loop.time() >= fed + self.watchdog:
                 fed = loop.time()

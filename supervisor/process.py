@@ -180,7 +180,8 @@ class WorkerProcess:
             if self._channel is None:
                 raise ConnectionError("the worker has no channel")
             header = {"op": op, "id": request_id, **fields}
-            await asyncio.wait_for(self._channel.send(header, payload, fds), timeout)
+            async with asyncio.timeout(timeout):
+                await self._channel.send(header, payload, fds)
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             done = await self._first_of(future, left)
             if future in done:
@@ -240,7 +241,8 @@ class WorkerProcess:
 
     async def wait_exit(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.exited)
         except TimeoutError:
             return False
         return True
@@ -251,7 +253,8 @@ class WorkerProcess:
             return "exited"
         try:
             # The zygote reaps and reports right after the pidfd fired.
-            code = await asyncio.wait_for(asyncio.shield(self._zygote.exit_code(self.pid)), 1.0)
+            async with asyncio.timeout(1.0):
+                code = await asyncio.shield(self._zygote.exit_code(self.pid))
         except (TimeoutError, ZygoteError):
             return "exited"
         if code < 0:
@@ -268,7 +271,8 @@ class WorkerProcess:
             # The last lines of a crash matter, but do not wait on a grandchild
             # that keeps the pipe open.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._log.closed), 1.0)
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(self._log.closed)
         self.release()
 
     def release(self) -> None:

@@ -641,7 +641,8 @@ def _reply_when_done(waiters: list[asyncio.Future[dict[str, Any]]], reply: Reply
 async def _stop_watcher(watcher: Watcher, task: asyncio.Task[None]) -> None:
     watcher.stop()
     try:
-        await asyncio.wait_for(task, 2.0)
+        async with asyncio.timeout(2.0):
+            await task
     except TimeoutError:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -189,6 +189,8 @@ class Services:
 
 #: Messages for the events a runner may still hold when it is closed.
 _CLOSING = Outcome(Result.FAILED, "the supervisor is shutting down")
+#: Seconds close() waits for the loop to end before it cancels it again.
+_CANCEL_AGAIN = 0.5
 
 
 class BundleRunner:
@@ -375,9 +377,12 @@ class BundleRunner:
         Once the loop's task has ended, this is the runner's only writer.
         """
         self._closed = True
-        if self._task is not None:
+        while self._task is not None and not self._task.done():
+            # Again if a cancellation was swallowed on the way (Python 3.11's
+            # wait_for does, when what it waits for ends at the same moment):
+            # the loop also ends once it sees _closed.
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=_CANCEL_AGAIN)
         self._ahead = None  # LOADED: discarded below with the others
         self._warnings = []  # from here on: what the shut-down could not keep
         self._timers.cancel_all()
@@ -417,7 +422,7 @@ class BundleRunner:
     # -- the loop --------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closed:
             event = await self._mailbox.get()
             if isinstance(event, Pass):
                 event = self._mailbox.merged(event)

@@ -323,7 +323,8 @@ class Watcher:
                     log.exception("watching %s failed; watching again in %gs",
                                   ", ".join(map(str, present)), REWATCH_AFTER)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._cycle.wait(), REWATCH_AFTER)
+                        async with asyncio.timeout(REWATCH_AFTER):
+                            await self._cycle.wait()
                 finally:
                     if poll is not None:
                         poll.cancel()

@@ -76,7 +76,8 @@ class Zygote:
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_readable)
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._ready)
         except TimeoutError:
             await self._close(timeout=2.0)
             raise ZygoteError(f"the zygote was not ready within {timeout:g}s "
@@ -95,7 +96,8 @@ class Zygote:
         try:
             data = P.pack_zygote({"op": P.ZY_SPAWN, "id": request_id})
             socket.send_fds(self._sock, [data], fds)
-            pid = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                pid = await future
         except TimeoutError:
             self._abandoned.add(request_id)
             raise ZygoteError(f"the zygote did not answer a spawn within {timeout:g}s") from None

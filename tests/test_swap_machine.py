@@ -7,6 +7,7 @@ and the tests read the order of requests each generation received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine, Sequence
@@ -37,6 +38,7 @@ class Script:
     exit_after: set[str] = field(default_factory=set)  # ops answered, then the process dies
     hold_close: bool = False  # close() waits for `released` (its log pipe still draining)
     busy: int = 0  # this many pauses find connections still in flight
+    swallow: set[str] = field(default_factory=set)  # ops that swallow one cancellation
 
 
 class FakeWorker:
@@ -67,6 +69,12 @@ class FakeWorker:
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
         if op in self.script.fail:
             raise WorkerError(f"{op}: {self.script.fail[op]}")
+        if op in self.script.swallow:
+            # As Python 3.11's wait_for may, when what it waits for ends as
+            # the cancellation comes: the caller goes on, and waits again.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            await asyncio.sleep(30)
         if op == "pause" and self.script.busy > 0:
             self.script.busy -= 1
             raise WorkerError("pause: Busy: 1 connection(s) still in flight", kind="Busy")
@@ -460,6 +468,18 @@ def test_close_during_a_swap_cleans_up_every_generation(tmp_path: Path) -> None:
         assert world.workers[1].calls[-1] == "retire"
         assert world.runner.state is BundleState.STOPPED
     run(test, tmp_path, "start_timeout = 5.0\n")
+
+
+def test_close_ends_the_loop_even_if_a_cancellation_is_swallowed(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2", Script(swallow={"start"}))
+        await until(lambda: "start" in world.workers.get(2, FakeWorker(0, Script())).calls)
+        async with asyncio.timeout(5):
+            await world.runner.close()
+        assert world.workers[2].killed
+        assert world.runner.state is BundleState.STOPPED and not world.runner._gens
+    run(test, tmp_path, "start_timeout = 60.0\n")
 
 
 def test_close_while_a_retired_generation_is_being_forgotten(tmp_path: Path) -> None:

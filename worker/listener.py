@@ -164,9 +164,10 @@ class Listener:
     async def wait_idle(self, timeout: float) -> bool:
         """True once no connection is in flight, False if ``timeout`` passed first."""
         if not self.inflight:
-            return True  # wait_for(..., 0) would time out even on a set event
+            return True  # at once: no wait, not even a zero timeout's
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -80,7 +80,8 @@ class WsgiBundle(AsgiBundle):
         # running one cannot be interrupted, only waited for.
         drained = asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         try:
-            await asyncio.wait_for(drained, POOL_DRAIN)
+            async with asyncio.timeout(POOL_DRAIN):
+                await drained
         except TimeoutError:
             self.ctx.log.warning("a WSGI call still runs %gs after the drain; exiting "
                                  "without it", POOL_DRAIN)
