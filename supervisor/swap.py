@@ -480,7 +480,10 @@ class BundleRunner:
         if self._mailbox.waiting(LoadAhead) or self._down or current is None \
                 or current.state is not _S.READY:
             return None  # a newer one follows, or there is nothing to swap from
-        digest = await self.svc.digest(self.source)
+        try:
+            digest = await self.svc.digest(self.source)
+        except DigestError:
+            return None  # a name not UTF-8, a tree over the limits: the pass says which
         if digest is None or digest == self._tried:
             return None  # a touch, or back to what serves: no swap will come
         try:

@@ -1,17 +1,17 @@
-"""File changes: one watchfiles watcher over bundles_dir and every bundle directory.
+"""File changes: one inotify instance over bundles_dir and every bundle directory.
 
 An event only says "look again": editors save by rename, a copy into a
 brand-new subdirectory can be missed, a write may not change a byte. So a batch
 of events becomes "rescan these bundles", and a bundle swaps only when its
 content digest changed.
 
-Latency: watchfiles hands over a batch once its set of changed paths stayed the
-same for one ``step``; we run it with a short step and keep the quiet period
-(``watch_quiet_ms``) ourselves, measured from the last batch, so a change is
-taken about ``watch_quiet_ms`` after the last write instead of up to twice that.
-A directory that never goes quiet is still taken every ``watch_batch_ms``.
+Latency: the kernel's events wake the event loop as they come (inotify.py
+says why not watchfiles here), and the quiet period (``watch_quiet_ms``) is
+measured from the last of them, so a change is taken ``watch_quiet_ms`` after
+the last write. A directory that never goes quiet is still taken every
+``watch_batch_ms``. Idle, nothing wakes.
 
-The quiet period need not be dead time: each change is also told at once to
+The quiet period need not be dead time: the changes are also told at once to
 ``on_change`` (the supervisor loads the bundle's next generation ahead, while
 the current one serves), and ``on_batch`` after the quiet period (the swap).
 
@@ -19,10 +19,9 @@ The digest (``digest``) is bounded and follows no symlink: a bundle directory
 that holds a link to ``/``, a link loop or a name that is not UTF-8 is an
 error naming the path or the limit (``MAX_FILES``, ``MAX_BYTES``), and a
 cancelled digest stops at its next chunk, so a shut-down never waits for one.
-The watch follows no symlink either: watchfiles would, when it sets up a
-recursive watch (it has no option not to), so each real directory under the
-roots is watched on its own (``watched_directories``), and a directory that
-appears makes the watch start again with it.
+The watch follows no symlink either: each real directory under the roots is
+watched on its own (``watched_directories``), and a directory that appears
+makes the watch start again with it.
 
 Files created in a brand-new subdirectory can be missed by inotify, so each
 batch is reported once more after RECHECK_AFTER seconds of silence (a batch
@@ -44,12 +43,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import watchfiles
+from .inotify import Change, Event, Inotify
 
 log = logging.getLogger("hotsup")
 
-#: watchfiles' own quiet step (ms); ours is watch_quiet_ms on top of what it saw.
-_STEP_MS = 5
+#: Seconds from the first event of a burst to telling ``on_change``: a save is
+#: several events in a row (truncate, write, close, rename), told once.
+CHANGE_SETTLE = 0.002
 
 #: Seconds of silence after a batch before the same places are reported again.
 RECHECK_AFTER = 1.0
@@ -57,7 +57,7 @@ RECHECK_AFTER = 1.0
 #: Seconds between looks for a watched directory that was deleted.
 ROOT_POLL = 0.5
 
-#: Seconds before watching again after watchfiles failed.
+#: Seconds before watching again after the watch failed.
 REWATCH_AFTER = 1.0
 
 _IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache",
@@ -262,11 +262,6 @@ def watched_directories(roots: list[Path], limit: int = MAX_WATCHED) -> list[Pat
     return found
 
 
-class _Filter(watchfiles.DefaultFilter):
-    def __call__(self, change: watchfiles.Change, path: str) -> bool:
-        return not ignored(os.path.basename(path)) and super().__call__(change, path)
-
-
 def _real_directory(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not ignored(
         os.path.basename(path))
@@ -280,7 +275,7 @@ class Watcher:
                  on_batch: Callable[[set[Path]], None],
                  on_change: Callable[[set[Path]], None] | None = None) -> None:
         self._roots = roots
-        self._quiet = max(0.0, (quiet_ms - _STEP_MS) / 1000)
+        self._quiet = quiet_ms / 1000
         self._batch_ms = batch_ms
         self._on_batch = on_batch
         self._on_change = on_change
@@ -292,6 +287,9 @@ class Watcher:
         self._timer: asyncio.TimerHandle | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._recheck_paths: set[Path] = set()
+        self._changing: set[Path] = set()  # for on_change, CHANGE_SETTLE after the first
+        self._change_timer: asyncio.TimerHandle | None = None
+        self._failed: BaseException | None = None  # what ended the watch, if not the cycle
 
     async def run(self) -> None:
         """Watch until stop(). A root that is deleted is watched again once it is back."""
@@ -315,10 +313,8 @@ class Watcher:
                         await self._watch(present)
                     else:
                         await self._cycle.wait()
-                    if not self._cycle.is_set():
-                        raise RuntimeError("watchfiles stopped by itself")
                 except Exception:
-                    # inotify's watch limit, a root turned into a file...: say
+                    # inotify's instance limit, a root turned into a file...: say
                     # so, and watch anew in a moment rather than go deaf.
                     log.exception("watching %s failed; watching again in %gs",
                                   ", ".join(map(str, present)), REWATCH_AFTER)
@@ -330,7 +326,7 @@ class Watcher:
                         poll.cancel()
                         await asyncio.gather(poll, return_exceptions=True)
         finally:
-            for timer in (self._timer, self._recheck):
+            for timer in (self._timer, self._recheck, self._change_timer):
                 if timer is not None:
                     timer.cancel()
 
@@ -339,29 +335,73 @@ class Watcher:
         self._cycle.set()
 
     async def _watch(self, roots: list[Path]) -> None:
-        directories = watched_directories(roots)  # a walk of directories only: quick
-        async for changes in watchfiles.awatch(
-            *directories, watch_filter=_Filter(), debounce=self._batch_ms, step=_STEP_MS,
-            stop_event=self._cycle, recursive=False, ignore_permission_denied=True,
-        ):
-            paths = {Path(p) for _, p in changes}
-            if any(change == watchfiles.Change.added and _real_directory(path)
-                   for change, path in changes):
-                # A directory that is not watched yet: watch again, with it
-                # (the next cycle looks at everything once, so nothing written
-                # into it meanwhile goes unseen).
-                self._cycle.set()
-            if self._on_change is not None:
-                self._on_change(paths)  # before the quiet period: what can be done ahead
-            self._add(paths)
-            gone = {Path(p) for change, p in changes if change == watchfiles.Change.deleted}
-            gone = gone.intersection(roots) | {root for root in roots if not root.is_dir()}
-            if gone:
-                # inotify watches die with their directory: one that is back
-                # (or comes back) would be deaf. Watch anew; poll while gone.
-                log.info("%s was removed; watching for it", ", ".join(sorted(map(str, gone))))
-                self._gone |= gone
-                self._cycle.set()
+        """Watch ``roots`` until this cycle ends (stop(), a new directory, a root
+        gone). The watches are set up before the first await; an error in
+        reading them ends the watch with it."""
+        loop = asyncio.get_running_loop()
+        with Inotify() as notify:
+            directories = watched_directories(roots)  # a walk of directories only: quick
+            for count, directory in enumerate(directories):
+                try:
+                    notify.add(str(directory))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC or count == 0:
+                        raise
+                    log.warning("%s: only %d of the %d directories under %s are watched; "
+                                "changes in the others are not seen", exc.strerror, count,
+                                len(directories), ", ".join(map(str, roots)))
+                    break
+            self._failed = None
+            loop.add_reader(notify.fd, self._on_events, notify, roots)
+            try:
+                await self._cycle.wait()
+            finally:
+                loop.remove_reader(notify.fd)
+            if self._failed is not None:
+                raise self._failed
+
+    def _on_events(self, notify: Inotify, roots: list[Path]) -> None:
+        """The inotify fd is readable: take in what happened."""
+        try:
+            events, overflowed = notify.read()
+            if overflowed:
+                log.warning("the kernel dropped file events (fs.inotify.max_queued_events): "
+                            "looking at every bundle again")
+                self._add(set(roots))
+            self._take(events, roots)
+        except Exception as exc:  # the watch is broken: run() says so and watches anew
+            self._failed = exc
+            self._cycle.set()
+
+    def _take(self, events: list[Event], roots: list[Path]) -> None:
+        paths = {Path(path) for _, path, _ in events if not ignored(os.path.basename(path))}
+        if not paths:
+            return
+        if any(change is Change.ADDED and is_dir and _real_directory(path)
+               for change, path, is_dir in events):
+            # A directory that is not watched yet: watch again, with it
+            # (the next cycle looks at everything once, so nothing written
+            # into it meanwhile goes unseen).
+            self._cycle.set()
+        if self._on_change is not None:  # before the quiet period: what can be done ahead
+            self._changing |= paths
+            if self._change_timer is None:
+                self._change_timer = asyncio.get_running_loop().call_later(
+                    CHANGE_SETTLE, self._tell_change)
+        self._add(paths)
+        gone = {Path(path) for change, path, _ in events if change is Change.DELETED}
+        gone = gone.intersection(roots) | {root for root in roots if not root.is_dir()}
+        if gone:
+            # inotify watches die with their directory: one that is back
+            # (or comes back) would be deaf. Watch anew; poll while gone.
+            log.info("%s was removed; watching for it", ", ".join(sorted(map(str, gone))))
+            self._gone |= gone
+            self._cycle.set()
+
+    def _tell_change(self) -> None:
+        paths, self._changing, self._change_timer = self._changing, set(), None
+        if self._on_change is not None and paths:
+            self._on_change(paths)
 
     async def _await_return(self, missing: list[Path]) -> None:
         """Poll for deleted roots: no event says a watched directory came back."""

@@ -1,17 +1,15 @@
-"""The file watcher on its own: batching, re-watching, surviving watchfiles' failures."""
+"""The file watcher on its own: batching, re-watching, surviving inotify's failures."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import watchfiles
 from hotsup.supervisor import watcher as watcher_module
+from hotsup.supervisor.inotify import Inotify
 from hotsup.supervisor.watcher import Watcher, digest
 
 pytestmark = pytest.mark.timeout(30)
@@ -40,20 +38,20 @@ def test_a_burst_of_writes_is_one_batch(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_watching_survives_a_watchfiles_failure(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    real = watchfiles.awatch
+def test_watching_survives_an_inotify_failure(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    real = watcher_module.Inotify
     calls = 0
 
-    def flaky(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def flaky() -> Inotify:
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise OSError(28, "inotify watch limit reached")
-        return real(*args, **kwargs)
+            raise OSError(24, "inotify_init1: Too many open files")
+        return real()
 
     monkeypatch.setattr(watcher_module, "REWATCH_AFTER", 0.05)
-    monkeypatch.setattr(watchfiles, "awatch", flaky)
+    monkeypatch.setattr(watcher_module, "Inotify", flaky)
 
     async def main() -> None:
         batches: list[set[Path]] = []
@@ -202,3 +200,59 @@ def test_the_watch_follows_no_symlink_out_of_a_bundle(tmp_path: Path) -> None:
                        for path in seen), seen
 
     asyncio.run(main())
+
+
+def _context_switches() -> int:
+    """Voluntary context switches of every thread of this process so far."""
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/status") as status:
+            for line in status:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_watch_wakes_nothing(tmp_path: Path) -> None:
+    """No thread looks for events on a clock (watchfiles' did, 200 times a
+    second): idle, the process sleeps until the kernel has something."""
+    for sub in ("a", "b/c"):
+        (tmp_path / sub).mkdir(parents=True)
+
+    async def main() -> None:
+        batches: list[set[Path]] = []
+        watcher = Watcher([tmp_path], quiet_ms=30, batch_ms=1600, on_batch=batches.append)
+        task = asyncio.ensure_future(watcher.run())
+        await asyncio.sleep(0.2)  # whatever starting up costs is behind us
+        before = _context_switches()
+        await asyncio.sleep(1.0)
+        woke = _context_switches() - before
+        (tmp_path / "b" / "c" / "x.py").write_text("x")  # and it still sees a change
+        await until_called(batches, tmp_path / "b" / "c" / "x.py", "a change after the idle second")
+        watcher.stop()
+        await task
+        assert woke < 20, f"{woke} wake-ups in an idle second"
+    asyncio.run(main())
+
+
+def test_events_the_kernel_dropped_make_every_root_looked_at(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 100_000:
+        pytest.skip(f"max_queued_events is {limit}: too many files to overflow it")
+
+    async def main() -> None:
+        batches: list[set[Path]] = []
+        watcher = Watcher([tmp_path], quiet_ms=30, batch_ms=1600, on_batch=batches.append)
+        task = asyncio.ensure_future(watcher.run())
+        await asyncio.sleep(0)  # one step: the watch is set up
+        # The loop is not running while these are made: nothing reads the
+        # queue, and the kernel drops what does not fit.
+        for i in range(limit + 100):
+            os.close(os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o600))
+        await until_called(batches, tmp_path, "the root, after the overflow")
+        watcher.stop()
+        await task
+    with caplog.at_level("WARNING", logger="hotsup"):
+        asyncio.run(main())
+    assert "the kernel dropped file events" in caplog.text
