@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import functools
 import os
 import struct
 from types import TracebackType
@@ -66,6 +67,7 @@ class Change(enum.Enum):
 Event = tuple[Change, str, bool]
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     # The process's own symbols: glibc's or musl's, whichever Python runs on.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -79,12 +81,8 @@ class Inotify:
     ``fd`` is readable. A context manager: leaving it closes the fd and every
     watch with it."""
 
-    _lib: ctypes.CDLL | None = None
-
     def __init__(self) -> None:
-        if Inotify._lib is None:
-            Inotify._lib = _libc()
-        self._c = Inotify._lib
+        self._c = _libc()
         fd = self._c.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
