@@ -453,7 +453,14 @@ def test_the_supervisor_raises_its_descriptor_limit(hotsup: MakeHotsup) -> None:
 # -- per-bundle users (user = "NAME") ------------------------------------------------
 
 PROBE = """
-import json, os, signal, socket
+import json, os, signal, socket, time
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return None
 
 def probe(run_dir):
     found = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
@@ -470,8 +477,13 @@ def probe(run_dir):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(os.path.join(run_dir, "control"))
     attempt("connect control", connect)
-    victims = [int(p) for p in os.listdir("/proc") if p.isdigit()
-               and open(f"/proc/{p}/comm").read().strip() == "victim@1"]
+    # The victim starts beside this bundle: wait for it to name itself.
+    deadline = time.monotonic() + 10
+    victims = []
+    while not victims and time.monotonic() < deadline:
+        victims = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and _comm(p) == "victim@1"]
+        time.sleep(0.01)
     attempt("signal victim", lambda: os.kill(victims[0], signal.SIGTERM))
     attempt("write bundle dir", lambda: open(os.path.join(os.path.dirname(__file__), "x"), "w"))
     print("probe:", json.dumps(found), flush=True)
