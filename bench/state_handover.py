@@ -15,7 +15,12 @@ runs ``hotsup reload big --json`` ``--swaps`` times and reports:
   ``pickle.loads`` in one process with the GC off as the worker has it
   (``floor_ms``, the median of three runs, one before the swaps and two
   after), the least any hand-over between two processes can cost.
-  ``ratio`` = median pause / floor.
+  ``ratio`` = median pause / floor;
+* unless ``--no-breakdown``, the same run three more times, on an empty state,
+  on the bytes alone and on the dict alone: ``per_mb`` and
+  ``per_million_objects`` are what a MB of bytes and a million objects (a
+  dict entry is four: its key, a tuple, an int and a str) add to the pause
+  and to the floor over the empty state's run, and their ratio.
 
 One JSON object goes to stdout.
 """
@@ -88,6 +93,10 @@ print((time.perf_counter() - started) * 1000)
 '''
 
 
+#: A table entry's objects: the key, the tuple, its int and its str.
+OBJECTS_PER_ENTRY = 4
+
+
 def status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -103,15 +112,11 @@ def longest_gap(load: Load, since: float, until: float) -> float:
     return max(b - a for a, b in itertools.pairwise(marks)) * 1000
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=80)
-    parser.add_argument("--entries", type=int, default=500_000)
-    parser.add_argument("--swaps", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=4)
-    args = parser.parse_args(argv)
+def measure(mb: int, entries: int, swaps: int, clients: int) -> dict[str, Any]:
+    """One hand-over run on a state of ``mb`` MB of bytes and ``entries`` entries:
+    hotsup's pauses, reload durations and RSS, and the one-process floor."""
     state = STATE.format()
-    floor_script = FLOOR.format(state=state, mb=args.mb, entries=args.entries)
+    floor_script = FLOOR.format(state=state, mb=mb, entries=entries)
 
     def floor() -> float:
         done = subprocess.run([sys.executable, "-c", floor_script], check=True,
@@ -128,21 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             f'entry = "big:Big"\nstart_timeout = 60\nquiesce_timeout = 30\n'
             f'max_snapshot_bytes = {256 << 20}\nprobation = 0\n'
             f'[sockets.main]\nbind = "{HOST}:{port}"\n')
-        (bundle / "big.py").write_text(BUNDLE.format(state=state, mb=args.mb,
-                                                     entries=args.entries))
+        (bundle / "big.py").write_text(BUNDLE.format(state=state, mb=mb, entries=entries))
         (work / "config.toml").write_text(SUPERVISOR_CONFIG)
         log = work / "hotsup.log"
         hotsup = [sys.executable, "-m", "hotsup.supervisor.cli"]
         with log.open("ab") as out:
             proc = subprocess.Popen([*hotsup, "start", "config.toml"], cwd=work,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        load = Load(port, args.clients, REPLY)
+        load = Load(port, clients, REPLY)
         pauses, reloads = [], []
         try:
             wait_serving(port, proc, "hotsup", REPLY)
             rss_before = status_kib(proc.pid, "VmRSS")
             load.start()
-            for _ in range(args.swaps):
+            for _ in range(swaps):
                 time.sleep(0.5)  # steady load before each swap
                 started = time.monotonic()
                 done = subprocess.run([*hotsup, "reload", "big", "--json", "-c", "config.toml"],
@@ -165,10 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     floors += [floor(), floor()]  # before and after: the machine's noise, both sides
     floor_ms = statistics.median(floors)
     pause = statistics.median(pauses)
-    report: dict[str, Any] = {
-        "benchmark": "state_handover",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "state": {"mb": args.mb, "entries": args.entries},
+    return {
+        "state": {"mb": mb, "entries": entries},
         "hotsup": {
             "pause_ms": [round(p, 1) for p in pauses],
             "pause_ms_median": round(pause, 1),
@@ -183,6 +185,45 @@ def main(argv: list[str] | None = None) -> int:
                  round(floor_ms, 1)},
         "ratio": round(pause / floor_ms, 2),
     }
+
+
+def unit_costs(run: dict[str, Any], empty: dict[str, Any], units: float) -> dict[str, float]:
+    """What ``run``'s state adds over the ``empty`` state's run, per unit of
+    its size: the median pause's and the floor's share of each unit."""
+    pause = run["hotsup"]["pause_ms_median"] - empty["hotsup"]["pause_ms_median"]
+    floor = run["peer"]["floor_ms"] - empty["peer"]["floor_ms"]
+    return {"hotsup_ms": round(pause / units, 3), "floor_ms": round(floor / units, 3),
+            "ratio": round(pause / floor, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=80)
+    parser.add_argument("--entries", type=int, default=500_000)
+    parser.add_argument("--swaps", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the bytes-only and dict-only runs (the unit costs)")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "benchmark": "state_handover",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg": [round(x, 2) for x in os.getloadavg()]},
+        **measure(args.mb, args.entries, args.swaps, args.clients),
+    }
+    if not args.no_breakdown:
+        # The same hand-over with each half of the state alone: what a MB of
+        # bytes costs, and what a million dict entries (a str key and an
+        # (int, str) tuple each: OBJECTS_PER_ENTRY objects) cost.
+        # The empty state's run is the swap's own cost, taken off both.
+        empty = measure(0, 0, args.swaps, args.clients)
+        blob = measure(args.mb, 0, args.swaps, args.clients)
+        table = measure(0, args.entries, args.swaps, args.clients)
+        report["per_mb"] = {**unit_costs(blob, empty, args.mb), "run": blob}
+        report["per_million_objects"] = {
+            **unit_costs(table, empty, args.entries * OBJECTS_PER_ENTRY / 1e6),
+            "objects_per_entry": OBJECTS_PER_ENTRY, "run": table}
+        report["empty_state"] = empty
     print(json.dumps(report, indent=2))
     return 0
 

@@ -56,3 +56,18 @@ def test_idle_cost_and_many_bundles_measure_hotsup_and_the_peers() -> None:
     entry = many["counts"]["3"]
     assert entry["hotsup"]["all_serving_s"] > 0 and entry["shell_peer"]["all_serving_s"] > 0
     assert entry["hotsup"]["supervisor_exit_status"] == 0
+
+
+def test_state_handover_reports_the_cost_per_mb_and_per_million_objects() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "state_handover.py"), "--mb", "2",
+                           "--entries", "20000", "--swaps", "1", "--clients", "1"],
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["hotsup"]["failed_requests"] == 0 and result["peer"]["floor_ms"] > 0
+    for unit in ("per_mb", "per_million_objects"):
+        assert {"hotsup_ms", "floor_ms", "ratio"} <= set(result[unit]), result[unit]
+        assert result[unit]["run"]["hotsup"]["pause_ms_median"] > 0
+    assert result["per_mb"]["run"]["state"] == {"mb": 2, "entries": 0}
+    assert result["per_million_objects"]["run"]["state"] == {"mb": 0, "entries": 20000}
+    assert result["empty_state"]["state"] == {"mb": 0, "entries": 0}
