@@ -765,7 +765,18 @@ class BundleRunner:
         ahead (LOADED already), else from a new spawn."""
         old = self.current
         assert old is not None
-        self._end_probation()  # newer code serves: the one held before it is obsolete
+        # Newer code serves: the one held before it is obsolete. Its retirement
+        # (a request, an exit, a reaping) waits until this swap has switched
+        # or failed, rather than compete with the pause for the CPU.
+        switched = asyncio.Event()
+        self._end_probation(after=switched)
+        try:
+            return await self._switch(old, spec, started, discard_state, ahead)
+        finally:
+            switched.set()
+
+    async def _switch(self, old: Generation, spec: BundleSpec, started: float,
+                      discard_state: bool, ahead: Generation | None) -> Outcome:
         phases = self._phases
         if ahead is not None:
             new = ahead
@@ -921,11 +932,11 @@ class BundleRunner:
             return
         self._timers.arm("probation", probation, ProbationOver(old))
 
-    def _end_probation(self) -> None:
+    def _end_probation(self, after: asyncio.Event | None = None) -> None:
         held = self._held()
         self._timers.cancel("probation")
         if held is not None:
-            self._retire_later(held)
+            self._retire_later(held, after=after)
 
     # -- generations and their resources ------------------------------------------------
 
@@ -977,13 +988,20 @@ class BundleRunner:
     def _held(self) -> Generation | None:
         return next((gen for gen in self._gens.values() if gen.state is _S.HELD), None)
 
-    def _retire_later(self, gen: Generation, keep: bool = False) -> asyncio.Task[State | None]:
-        """Retire ``gen`` in a task of its own; its end comes as a ``Retired`` event
-        (close() waits for every one)."""
+    def _retire_later(self, gen: Generation, keep: bool = False,
+                      after: asyncio.Event | None = None) -> asyncio.Task[State | None]:
+        """Retire ``gen`` in a task of its own, once ``after`` is set if given;
+        its end comes as a ``Retired`` event (close() waits for every one)."""
         gen.move(_S.RETIRING)
         if keep:
             self._final.add(gen.number)
-        task = asyncio.ensure_future(gen.retire(keep))
+
+        async def retire() -> State | None:
+            if after is not None:
+                await after.wait()
+            return await gen.retire(keep)
+
+        task = asyncio.ensure_future(retire())
         self._retiring[task] = gen
 
         def done(task: asyncio.Task[State | None]) -> None:

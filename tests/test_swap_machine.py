@@ -42,9 +42,11 @@ class Script:
 
 
 class FakeWorker:
-    def __init__(self, number: int, script: Script) -> None:
+    def __init__(self, number: int, script: Script,
+                 journal: list[tuple[int, str]] | None = None) -> None:
         self.number = number
         self.script = script
+        self.journal = journal if journal is not None else []  # every worker's calls, in order
         self.pid: int | None = 10_000 + number
         self.log_dropped = 0
         self.pss_kib: int | None = None
@@ -64,6 +66,8 @@ class FakeWorker:
     async def call(self, op: str, timeout: float, payload: bytes | None = None,
                    **fields: Any) -> tuple[dict[str, Any], bytes | None]:
         self.calls.append(op)
+        self.journal.append((self.number, op))
+        await asyncio.sleep(0)  # as a real request does: other tasks run meanwhile
         if op in self.script.hang:  # what the real call says once its deadline passed
             await asyncio.sleep(0)
             raise WorkerError(f"{op}: no answer within {timeout:g}s")
@@ -134,6 +138,7 @@ class World:
         self.digests = 0  # passes that looked at the content
         self.scripts: dict[int, Script] = {}
         self.workers: dict[int, FakeWorker] = {}
+        self.journal: list[tuple[int, str]] = []  # (generation, op) of every call, in order
         self.gate: asyncio.Event | None = None  # holds every spawn while set to an Event
         self.sockets = SocketRegistry()
         services = Services(self.config, self.sockets, self._spawn, self._digest, store,
@@ -144,7 +149,7 @@ class World:
                      sockets: dict[str, socket.socket]) -> FakeWorker:
         if self.gate is not None:
             await self.gate.wait()
-        worker = FakeWorker(number, self.scripts.get(number, Script()))
+        worker = FakeWorker(number, self.scripts.get(number, Script()), self.journal)
         self.workers[number] = worker
         return worker
 
@@ -535,6 +540,27 @@ def test_probation_holds_the_old_generation_then_retires_it(tmp_path: Path) -> N
         await until(lambda: first.exited.done(), "retired once probation ended")
         assert first.calls == ["start", "pause", "retire"]
     run(test, tmp_path, "probation = 0.2\n")
+
+
+def test_a_swap_retires_the_held_generation_once_it_switched_or_failed(
+        tmp_path: Path) -> None:
+    """The generation held for the one a swap replaces is retired after the
+    swap's pause and start, not beside them: swapped or rolled back."""
+    async def test(world: World) -> None:
+        await until(serving(world, 1))
+        world.change("v2")
+        await until(serving(world, 2))
+        world.change("v3")
+        await until(serving(world, 3))
+        await until(lambda: world.workers[1].exited.done(), "generation 1 retired")
+        journal = world.journal
+        assert journal.index((1, "retire")) > journal.index((3, "start")), journal
+        world.change("v4", Script(fail={"start": "boom"}))
+        await until(lambda: 4 in world.workers and world.workers[4].killed, "4 discarded")
+        await until(lambda: world.workers[2].exited.done(), "generation 2 retired")
+        assert journal.index((2, "retire")) > journal.index((4, "start")), journal
+        assert world.runner.current is world.runner._gens[3]
+    run(test, tmp_path, "probation = 30\n")
 
 
 def test_probation_pauses_an_overlap_generation_without_waiting(tmp_path: Path) -> None:
