@@ -82,9 +82,15 @@ def test_the_suite_reports_every_contender_and_target(report: dict[str, Any]) ->
     assert compared["steady_rps"]["uvicorn"]["paired_ratio"] > 0
     assert compared["swap_p50_ms"]["uvicorn_reload"]["ratio"] > 0
     targets = {row["target"]: row for row in section["targets"]}
-    assert len(targets) == 7
+    assert len(targets) == 8
     assert all(set(row) == {"target", "value", "bound", "pass"} for row in targets.values())
     assert targets["state carried across every swap"]["pass"] is True
     assert targets["0 failed requests, short-lived"]["pass"] is True
     assert targets["0 failed requests, keep-alive"]["pass"] is True
+    against_gunicorn = targets.pop("swap p50 / gunicorn + HUP's")
+    if "gunicorn_hup" in results:
+        assert against_gunicorn["value"] == compared["swap_p50_ms"]["gunicorn_hup"]["ratio"]
+        assert isinstance(against_gunicorn["pass"], bool)
+    else:  # not measured: neither passed nor failed
+        assert against_gunicorn["value"] is None and against_gunicorn["pass"] is None
     assert all(isinstance(row["pass"], bool) for row in targets.values())
