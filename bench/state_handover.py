@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--no-breakdown", action="store_true",
-                        help="skip the bytes-only and dict-only runs (the unit costs)")
+                        help="skip the empty, bytes-only and dict-only runs (the unit costs)")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
         "benchmark": "state_handover",
