@@ -300,8 +300,8 @@ class Supervisor:
         bundles_dir = self.config.bundles_dir
         for runner in self.runners.values():
             root = runner.source.path
-            # A path above the bundle too: "look at everything" after a
-            # watch was lost (watchfiles failed on a name it cannot decode).
+            # A path above the bundle too: "look at everything" after the
+            # kernel dropped events (the watcher then names the roots).
             if any(p == root or root in p.parents or p in root.parents for p in command.paths):
                 runner.request()
         if bundles_dir is not None and any(p == bundles_dir or bundles_dir in p.parents
