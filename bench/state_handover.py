@@ -212,10 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         **measure(args.mb, args.entries, args.swaps, args.clients),
     }
     if not args.no_breakdown:
-        # The same hand-over with each half of the state alone: what a MB of
-        # bytes costs, and what a million dict entries (a str key and an
-        # (int, str) tuple each: OBJECTS_PER_ENTRY objects) cost.
-        # The empty state's run is the swap's own cost, taken off both.
+        # Each half of the state alone; the empty state's run is the swap's
+        # own cost, taken off both (the module docstring says what is reported).
         empty = measure(0, 0, args.swaps, args.clients)
         blob = measure(args.mb, 0, args.swaps, args.clients)
         table = measure(0, args.entries, args.swaps, args.clients)
